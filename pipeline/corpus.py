@@ -1,0 +1,170 @@
+"""Reading a text corpus and packing it into fixed-length token sequences.
+
+Documents come from .txt files (one document per file), .jsonl / .jsonl.gz files (one
+JSON object per line, text under `text_field`), .parquet files (a `text_field` column), a
+folder of such files (read in sorted order), or a Hugging Face dataset (`hf:<id>[:split]`,
+needs the `datasets` package and a network or a local cache).
+
+Packing: documents are tokenised without special tokens and concatenated in order; the
+stream is cut into sequences of `context_len - 1` tokens and each sequence gets the BOS
+token at position 0, so every stored token has the same kind of left context as a prompt
+the model will later be traced on.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+
+
+@dataclass(frozen=True)
+class PackedCorpus:
+    """Token sequences with, per token, the index of the document it came from."""
+
+    token_ids: np.ndarray  # (n_seqs, context_len) int32, BOS in column 0
+    doc_ids: np.ndarray  # (n_seqs, context_len) int32; BOS takes the doc of the token after it
+
+    @property
+    def n_tokens(self) -> int:
+        return self.token_ids.size
+
+
+def _files(root: Path) -> list[Path]:
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
+        if not files:
+            raise ValueError(
+                f"corpus folder {root} holds no {', '.join(SUFFIXES)} files; add some or "
+                "point `corpus.path` at a file"
+            )
+        return files
+    if not root.exists():
+        raise FileNotFoundError(f"corpus file {root} does not exist; check `corpus.path`")
+    if not root.name.endswith(SUFFIXES):
+        raise ValueError(f"corpus file {root} is not one of {', '.join(SUFFIXES)}; check `corpus.path`")
+    return [root]
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno} is not valid JSON: {e}") from e
+            if not isinstance(record, dict) or text_field not in record:
+                raise ValueError(f"{path}:{lineno} has no key {text_field!r}; set `corpus.text_field`")
+            yield record[text_field]
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        raise ValueError(
+            f"{path} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+            "set `corpus.text_field`"
+        )
+    for batch in pf.iter_batches(columns=[text_field]):
+        yield from batch.column(0).to_pylist()
+
+
+def _read_hf(spec: str, text_field: str) -> Iterator[str]:
+    name, _, split = spec.partition(":")
+    try:
+        import datasets
+    except ImportError as e:
+        raise ValueError(f"`corpus.path` hf:{spec} needs the `datasets` package: pip install datasets") from e
+    for record in datasets.load_dataset(name, split=split or "train", streaming=True):
+        yield record[text_field]
+
+
+def iter_documents(path: str, text_field: str = "text") -> Iterator[str]:
+    """Yield the corpus's documents as strings, in a fixed order."""
+    if path.startswith("hf:"):
+        yield from _read_hf(path[3:], text_field)
+        return
+    for file in _files(Path(path)):
+        if file.suffix == ".txt":
+            yield file.read_text(encoding="utf-8")
+        elif file.suffix == ".parquet":
+            yield from _read_parquet(file, text_field)
+        else:
+            yield from _read_jsonl(file, text_field)
+
+
+def pack_documents(
+    documents: Iterator[str],
+    tokenizer,
+    *,
+    context_len: int,
+    n_tokens: int,
+    bos_token_id: int,
+    batch_docs: int = 256,
+) -> PackedCorpus:
+    """Tokenise documents and pack them into `n_tokens // context_len` BOS-led sequences."""
+    n_seqs = n_tokens // context_len
+    if n_seqs < 1:
+        raise ValueError(
+            f"`dump.n_tokens` ({n_tokens}) is less than one sequence of `corpus.context_len` "
+            f"({context_len}) tokens"
+        )
+    body = context_len - 1
+    need = n_seqs * body
+    tokens = np.empty(need, dtype=np.int32)
+    docs = np.empty(need, dtype=np.int32)
+    filled, doc_index, pending = 0, 0, []
+
+    def flush() -> None:
+        nonlocal filled, doc_index
+        encoded = tokenizer(pending, add_special_tokens=False)["input_ids"]
+        for ids in encoded:
+            take = min(len(ids), need - filled)
+            tokens[filled : filled + take] = ids[:take]
+            docs[filled : filled + take] = doc_index
+            filled += take
+            doc_index += 1
+        pending.clear()
+
+    for text in documents:
+        if not isinstance(text, str):
+            raise ValueError(f"corpus document {doc_index + len(pending)} is not text: {text!r:.80}")
+        if text.strip():
+            pending.append(text)
+        if len(pending) >= batch_docs:
+            flush()
+            if filled >= need:
+                break
+    if pending and filled < need:
+        flush()
+    if filled == 0:
+        raise ValueError("the corpus is empty: no document holds any text; check `corpus.path`")
+    if filled < need:
+        have = filled // body
+        raise ValueError(
+            f"the corpus gives only {have} sequences ({have * context_len} tokens) of "
+            f"`corpus.context_len` {context_len}, but `dump.n_tokens` asks for {n_seqs * context_len}; "
+            "lower `dump.n_tokens` or add text"
+        )
+    token_ids = np.empty((n_seqs, context_len), dtype=np.int32)
+    doc_ids = np.empty((n_seqs, context_len), dtype=np.int32)
+    token_ids[:, 0] = bos_token_id
+    token_ids[:, 1:] = tokens.reshape(n_seqs, body)
+    doc_ids[:, 1:] = docs.reshape(n_seqs, body)
+    doc_ids[:, 0] = doc_ids[:, 1]
+    logger.info("packed %d documents into %d sequences of %d tokens", doc_index, n_seqs, context_len)
+    return PackedCorpus(token_ids, doc_ids)

@@ -1,0 +1,172 @@
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.config import parse_params
+from pipeline.dump import run
+from pipeline.model import get_trunk, load_model
+from pipeline.store import ACTIVATIONS, ActivationStore, StoreWriter
+from tests.tiny import ARCHS, TEXT
+
+
+def _params(tmp_path, model_dir, **dump):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 40)
+    raw = {
+        "paths": {"model_dir": str(model_dir), "activations": str(tmp_path / "act.zarr")},
+        "model": {"name": str(model_dir), "dtype": dump.pop("model_dtype", "float32")},
+        "corpus": {"path": str(corpus), "context_len": 16},
+        "dump": {"n_tokens": 256, "batch_size": 3, "shard_tokens": 64, "chunk_tokens": 32, **dump},
+        "runtime": {"device": "cpu"},
+    }
+    return parse_params(raw)
+
+
+def _store_bytes(path):
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = fh.read()
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_store_roundtrip_matches_direct_forward(arch, tiny_model_dir, tmp_path):
+    params = _params(tmp_path, tiny_model_dir(arch))
+    run(params, progress=False)
+    store = ActivationStore(params.paths.activations)
+    assert store.n_tokens == 256
+    ids = torch.from_numpy(store.array("token_ids")[:]).long().reshape(-1, 16)
+    assert (ids[:, 0] == 0).all()
+    np.testing.assert_array_equal(store.array("positions")[:], np.tile(np.arange(16), 16))
+    model, _ = load_model(params.paths.model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    captured = {}
+    layer0 = model.get_submodule({"gpt2": "transformer.h.1"}.get(arch, "model.layers.1"))
+
+    def grab(module, args, kwargs):
+        captured["x"] = args[0] if args else kwargs["hidden_states"]
+
+    h = layer0.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        get_trunk(model)(input_ids=ids[5:7])
+    h.remove()
+    resid = store.read("resid_mid", 5 * 16, 7 * 16)
+    out = store.read("mlp_out", 5 * 16, 7 * 16)
+    assert resid.dtype == torch.bfloat16
+    expected = captured["x"].reshape(-1, model.config.hidden_size)  # input of block 1
+    torch.testing.assert_close((resid[:, 0].float() + out[:, 0].float()), expected, rtol=2e-2, atol=2e-2)
+    attrs = store.group.attrs.asdict()
+    assert attrs["complete"] and attrs["schema_version"] == 1 and attrs["dtype"] == "bfloat16"
+    assert attrs["hooks"] == {"resid_mid": "hook_resid_mid", "mlp_out": "hook_mlp_out"}
+    assert store.array("resid_mid").attrs["logical_dtype"] == "bfloat16"
+
+
+def test_killed_dump_resumes_to_the_same_bytes(tiny_model_dir, tmp_path, monkeypatch):
+    params = _params(tmp_path, tiny_model_dir("llama"), model_dtype="bfloat16")
+    run(params, progress=False)
+    reference = _store_bytes(params.paths.activations)
+    shutil.rmtree(params.paths.activations)
+
+    original = StoreWriter.write_shard
+
+    def crash_mid_shard(self, shard, arrays):
+        if shard == 2:  # half of the shard is on disk, progress.json still says 2
+            self.group["resid_mid"][128:192] = arrays["resid_mid"]
+            raise KeyboardInterrupt("killed")
+        return original(self, shard, arrays)
+
+    monkeypatch.setattr(StoreWriter, "write_shard", crash_mid_shard)
+    with pytest.raises(KeyboardInterrupt):
+        run(params, progress=False)
+    partial = tmp_path / "act.zarr.partial"
+    assert json.loads((partial / "progress.json").read_text()) == {"shards_done": 2}
+    with pytest.raises(FileNotFoundError, match="interrupted dump"):
+        ActivationStore(params.paths.activations)
+    monkeypatch.setattr(StoreWriter, "write_shard", original)
+    calls = []
+    monkeypatch.setattr(
+        StoreWriter, "write_shard", lambda self, s, a: (calls.append(s), original(self, s, a))
+    )
+    run(params, progress=False)
+    assert calls == [2, 3]  # resumed after the last complete shard
+    assert _store_bytes(params.paths.activations) == reference
+    assert not partial.exists()
+
+
+def test_changed_settings_discard_partial_store(tiny_model_dir, tmp_path, monkeypatch):
+    params = _params(tmp_path, tiny_model_dir("llama"))
+    monkeypatch.setattr(StoreWriter, "finalize", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run(params, progress=False)
+    monkeypatch.undo()
+    other = _params(tmp_path, tiny_model_dir("llama"), dtype="float16")
+    run(other, progress=False)
+    assert ActivationStore(other.paths.activations).schema.dtype == "float16"
+
+
+def test_readers_refuse_incomplete_or_corrupted_stores(tiny_model_dir, tmp_path):
+    params = _params(tmp_path, tiny_model_dir("llama"))
+    run(params, progress=False)
+    path = params.paths.activations
+    shard = os.path.join(path, "mlp_out", "c", "1", "0", "0")
+    os.remove(shard)
+    with pytest.raises(ValueError, match="missing 2 of 8 chunks"):
+        ActivationStore(path)
+    group = zarr.open_group(path, mode="r+")
+    group.attrs["complete"] = False
+    with pytest.raises(ValueError, match="incomplete"):
+        ActivationStore(path)
+    with pytest.raises(FileNotFoundError, match="run `dvc repro dump`"):
+        ActivationStore(tmp_path / "nothing.zarr")
+
+
+def test_misaligned_write_is_rejected(tiny_model_dir, tmp_path):
+    params = _params(tmp_path, tiny_model_dir("llama"))
+    run(params, progress=False)
+    schema = ActivationStore(params.paths.activations).schema
+    writer = StoreWriter(tmp_path / "w.zarr", schema, np.zeros(256), np.zeros(256), np.zeros(256))
+    bad = {n: np.zeros((10, schema.n_layers, schema.d_model), np.uint16) for n in ACTIVATIONS}
+    with pytest.raises(ValueError, match=r"rows \[0, 64\) is not aligned"):
+        writer.write_shard(0, bad)
+
+
+def test_nan_activations_are_a_clear_error(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "nan-model"
+    shutil.copytree(tiny_model_dir("llama"), model_dir)
+    model, _ = load_model(model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
+    model.save_pretrained(model_dir)
+    params = _params(tmp_path, model_dir)
+    with pytest.raises(ValueError, match="mlp_out of layer 1 has NaN/inf"):
+        run(params, progress=False)
+
+
+def test_float16_overflow_is_a_clear_error(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "big-model"
+    shutil.copytree(tiny_model_dir("llama"), model_dir)
+    model, _ = load_model(model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1e6)
+    model.save_pretrained(model_dir)
+    with pytest.raises(ValueError, match="float16 overflow"):
+        run(_params(tmp_path, model_dir, dtype="float16"), progress=False)
+
+
+def test_context_len_beyond_model_maximum(tiny_model_dir, tmp_path):
+    params = _params(tmp_path, tiny_model_dir("llama"))
+    raw = {
+        "paths": vars(params.paths),
+        "corpus": {**vars(params.corpus), "context_len": 512},
+        "dump": {"n_tokens": 1024, "shard_tokens": 1024},
+        "runtime": {"device": "cpu"},
+    }
+    with pytest.raises(ValueError, match="supports at most 256 positions"):
+        run(parse_params(raw), progress=False)
