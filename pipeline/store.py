@@ -25,14 +25,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
+from numcodecs import CRC32C
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ _STORAGE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
 # Write chunks even when they equal the fill value, so "every chunk exists" is the test
 # of a complete store (zarr skips such chunks by default).
 _ALWAYS_WRITE = {"write_empty_chunks": True}
+_PAGE = 4096
 _TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -92,6 +96,98 @@ def torch_dtype(logical: str) -> torch.dtype:
     return _TORCH[logical]
 
 
+_EXPONENT = {
+    "bfloat16": (np.uint16, 0x7F80),
+    "float16": (np.uint16, 0x7C00),
+    "float32": (np.uint32, 0x7F800000),
+}
+
+
+def nonfinite_layers(values: np.ndarray, logical: str, block: int = 256) -> np.ndarray:
+    """Per layer, whether any stored value of `values` (rows, n_layers, d_model) is NaN/inf.
+
+    Works on the raw bits (all exponent bits set), block by block: bf16 elementwise ops
+    are slow on CPU, and a whole-shard temporary would cost more than the check.
+    """
+    int_type, mask = _EXPONENT[logical]
+    bits = values.view(int_type)
+    bad = np.zeros(values.shape[1], dtype=bool)
+    for b in range(0, len(bits), block):
+        bad |= ((bits[b : b + block] & mask) == mask).any(axis=(0, 2))
+    return bad
+
+
+def _fast_path_ok(array: zarr.Array) -> bool:
+    """True when shards are raw little-endian chunks plus a crc32c-checked index at the end."""
+    codecs = json.loads(json.dumps(array.metadata.to_dict()["codecs"]))  # tuples -> lists
+    if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
+        return False
+    conf = codecs[0]["configuration"]
+    return (
+        conf["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}]
+        and conf["index_codecs"]
+        == [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+        and conf.get("index_location", "end") == "end"
+        and sys.byteorder == "little"
+        and conf["chunk_shape"][1:] == list(array.shape[1:])
+    )
+
+
+def write_shard_file(path: Path, values: np.ndarray, chunk_rows: int) -> None:
+    """Write one full shard in Zarr's `sharding_indexed` layout, without Zarr's copies.
+
+    With uncompressed inner chunks that span every non-token dimension, a shard is the
+    shard's rows as raw bytes (chunk after chunk) followed by an index of (offset, nbytes)
+    per chunk and its crc32c. Zarr's own encoder copies the data three times; this writes
+    the buffer directly, with O_DIRECT where the file system and alignment allow so the
+    kernel does not copy it into the page cache either. `tests/test_store.py` checks the
+    bytes equal Zarr's.
+    """
+    values = np.ascontiguousarray(values)
+    n_chunks = len(values) // chunk_rows
+    chunk_bytes = values[:chunk_rows].nbytes
+    index = np.empty((n_chunks, 2), dtype="<u8")
+    index[:, 0] = np.arange(n_chunks, dtype=np.uint64) * chunk_bytes
+    index[:, 1] = chunk_bytes
+    tail = bytes(CRC32C().encode(index.tobytes()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = memoryview(values.reshape(-1).view(np.uint8))
+    _write_direct(path, data)
+    with open(path, "ab") as f:
+        f.write(tail)
+
+
+def _write_direct(path: Path, data: memoryview) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    aligned = (
+        hasattr(os, "O_DIRECT")
+        and len(data) % _PAGE == 0
+        and np.frombuffer(data, np.uint8, count=1).ctypes.data % _PAGE == 0
+    )
+    if aligned:
+        try:
+            fd = os.open(path, flags | os.O_DIRECT)
+        except OSError:  # e.g. tmpfs
+            aligned = False
+    if not aligned:
+        fd = os.open(path, flags)
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written : written + (1 << 30)])
+    finally:
+        os.close(fd)
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array on page-aligned memory (anonymous mmap), pre-faulted."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = mmap.mmap(-1, max(nbytes, 1))
+    array = np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+    array.view(np.uint8).reshape(-1)[::_PAGE] = 0  # touch every page now, not in the hot loop
+    return array
+
+
 class StoreWriter:
     """Creates (or resumes) a store in `<path>.partial` and writes it one shard at a time."""
 
@@ -107,6 +203,7 @@ class StoreWriter:
         else:
             self._create(token_ids, doc_ids, positions)
             self.shards_done = 0
+        self._fast = {n: _fast_path_ok(self.group[n]) for n in ACTIVATIONS}
 
     def _resumable(self) -> bool:
         if not self._progress.is_file():
@@ -173,20 +270,44 @@ class StoreWriter:
         os.replace(tmp, self._progress)
 
     def write_shard(self, shard: int, activations: dict[str, np.ndarray]) -> None:
-        """Write shard `shard` of every activation array; shards must come in order."""
+        """Write shard `shard` of every activation array; shards must come in order.
+
+        Values must be finite: a NaN/inf raises a `ValueError` naming the array, layer and row.
+        """
         if shard != self.shards_done:
             raise ValueError(f"shard {shard} written out of order (next is {self.shards_done})")
         start, stop = self.schema.shard_rows(shard)
         for name in ACTIVATIONS:
-            values = activations[name]
-            if values.shape[0] != stop - start:
+            if activations[name].shape[0] != stop - start:
                 raise ValueError(
                     f"write to {name} rows [{start}, {stop}) is not aligned to its shard "
-                    f"(shard {shard} has {stop - start} rows, got {values.shape[0]})"
+                    f"(shard {shard} has {stop - start} rows, got {activations[name].shape[0]})"
                 )
-            self.group[name][start:stop] = values
+        self._check_finite(activations, start)
+        for name in ACTIVATIONS:
+            values = activations[name]
+            if stop - start == self.schema.shard_tokens and self._fast[name]:
+                path = self.staging / name / "c" / str(shard) / "0" / "0"
+                write_shard_file(path, values, self.schema.chunk_tokens)
+            else:
+                self.group[name][start:stop] = values
         self.shards_done += 1
         self._write_progress(self.shards_done)
+
+    def _check_finite(self, activations: dict[str, np.ndarray], first_row: int) -> None:
+        """Refuse NaN/inf, naming the earliest layer (where the problem starts) and a token."""
+        bad = {n: nonfinite_layers(activations[n], self.schema.dtype) for n in ACTIVATIONS}
+        layers = [(int(np.argmax(b)), i, n) for i, (n, b) in enumerate(bad.items()) if b.any()]
+        if not layers:
+            return
+        layer, _, name = min(layers)
+        int_type, mask = _EXPONENT[self.schema.dtype]
+        row = int(np.argmax(((activations[name][:, layer].view(int_type) & mask) == mask).any(axis=1)))
+        raise ValueError(
+            f"{name} of layer {layer} has NaN/inf values at stored token {first_row + row}; "
+            "if this is float16 overflow set `dump.dtype: bfloat16`, otherwise try "
+            "`model.dtype: float32`"
+        )
 
     def finalize(self) -> Path:
         """Mark the store complete and move it into place."""

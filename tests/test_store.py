@@ -170,3 +170,31 @@ def test_context_len_beyond_model_maximum(tiny_model_dir, tmp_path):
     }
     with pytest.raises(ValueError, match="supports at most 256 positions"):
         run(parse_params(raw), progress=False)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_fast_shard_writer_matches_zarr_bytes(tmp_path, aligned):
+    from pipeline.store import _fast_path_ok, aligned_empty, write_shard_file
+
+    def make(name):
+        group = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w")
+        return group.create_array(
+            "a",
+            shape=(128, 4, 512),
+            chunks=(16, 4, 512),
+            shards=(64, 4, 512),
+            dtype="uint16",
+            compressors=None,
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )
+
+    values = aligned_empty((64, 4, 512), np.uint16) if aligned else np.empty((64, 4, 512), np.uint16)
+    values[:] = np.random.randint(0, 65535, size=values.shape, dtype=np.uint16)
+    reference, fast = make("reference"), make("fast")
+    assert _fast_path_ok(fast)
+    reference[64:128] = values
+    write_shard_file(tmp_path / "fast.zarr" / "a" / "c" / "1" / "0" / "0", values, chunk_rows=16)
+    ref_bytes = (tmp_path / "reference.zarr" / "a" / "c" / "1" / "0" / "0").read_bytes()
+    assert (tmp_path / "fast.zarr" / "a" / "c" / "1" / "0" / "0").read_bytes() == ref_bytes
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "fast.zarr" / "a"))[64:128], values)
