@@ -16,7 +16,6 @@ hook, and the relative Frobenius error), to justify the default `model.dtype`.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import tempfile
 import time
@@ -41,12 +40,12 @@ def bare_forward(model, token_ids, batch_size: int) -> float:
 
 
 def dump_throughput(model, corpus, schema, batch_size: int, where: Path) -> float:
-    out = Path(tempfile.mkdtemp(dir=where)) / "bench.zarr"
-    start = time.perf_counter()
-    dump_activations(model, corpus, out, schema=schema, batch_size=batch_size, progress=False)
-    elapsed = time.perf_counter() - start
-    shutil.rmtree(out.parent)
-    return schema.n_tokens / elapsed
+    with tempfile.TemporaryDirectory(dir=where) as tmp:
+        start = time.perf_counter()
+        dump_activations(
+            model, corpus, Path(tmp) / "bench.zarr", schema=schema, batch_size=batch_size, progress=False
+        )
+        return schema.n_tokens / (time.perf_counter() - start)
 
 
 def activations(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -31,6 +31,10 @@ class PathsConfig:
     """The resolved model, materialised as a plain Hugging Face folder."""
     activations: str = "data/activations.zarr"
     """The Zarr store of MLP inputs and outputs written by `dump`."""
+    transcoder: str = "data/transcoder"
+    """The trained transcoder in circuit-tracer's folder format, written by `train`."""
+    metrics: str = "metrics"
+    """Folder of DVC metrics (`train.json`, `evaluate.json`) and plots (`train_curve.csv`)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,73 @@ class DumpConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """The `train` stage: the transcoder, its loss and its optimisation."""
+
+    kind: Literal["clt", "plt"] = "clt"
+    """`clt`: cross-layer (each layer decodes to itself and every later layer);
+    `plt`: per-layer transcoders (each layer decodes to itself only), the baseline."""
+    activation: Literal["jumprelu", "topk", "batchtopk"] = "jumprelu"
+    """JumpReLU (trained thresholds, the paper's), or TopK / BatchTopK (converted to
+    JumpReLU thresholds with the same per-layer L0 at export)."""
+    d_transcoder: int = 512
+    """Features per layer."""
+    k: int = 32
+    """Active features per layer and token for topk / batchtopk."""
+    n_steps: int = 600
+    """Optimiser steps."""
+    batch_size: int = 1024
+    """Tokens per step."""
+    lr: float = 1e-3
+    """Adam learning rate (linear warm-up over `warmup_steps`, linear decay over the last 20%)."""
+    warmup_steps: int = 20
+    sparsity_coef: float = 1.0
+    """lambda of the sparsity penalty lambda * tanh(c * ||W_dec_f|| * a_f), ramped linearly
+    from 0 over the whole run (jumprelu only)."""
+    sparsity_c: float = 1.0
+    """c inside the tanh of the sparsity penalty."""
+    pre_act_coef: float = 3e-6
+    """Coefficient of relu(threshold - h) * ||W_dec_f||, which revives dead features."""
+    init_threshold: float = 0.1
+    """Initial JumpReLU threshold in the normalised space (inputs have E||x|| = sqrt(d_model))."""
+    init_rate: float = 0.05
+    """b_enc is initialised so each feature fires on this fraction of tokens."""
+    bandwidth: float = 0.1
+    """Width of the threshold's straight-through rectangle kernel, relative to the standard
+    deviation of the pre-activations at initialisation."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation (and for `evaluate`)."""
+    buffer_shards: int = 4
+    """Shards shuffled together; more mixes better and costs memory (~0.5 GB per shard)."""
+    sparse_decoder: bool = True
+    """Decode only the features active in the batch (same result, less compute)."""
+    autocast: bool = True
+    """bfloat16 autocast for the matmuls (parameters stay float32)."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints (a killed run resumes from the last one)."""
+    seed: int = 0
+
+    def __post_init__(self):
+        positive = ("d_transcoder", "k", "n_steps", "batch_size", "buffer_shards", "checkpoint_every")
+        for key in positive:
+            if getattr(self, key) < 1:
+                _fail(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.activation != "jumprelu" and self.k > self.d_transcoder:
+            _fail("train.k", f"must be <= `train.d_transcoder` ({self.d_transcoder}), got {self.k}")
+        if not 0 < self.lr < 1:
+            _fail("train.lr", f"must be in (0, 1), got {self.lr}; Adam on transcoders wants ~1e-4 to 1e-3")
+        for key in ("sparsity_coef", "pre_act_coef", "warmup_steps"):
+            if getattr(self, key) < 0:
+                _fail(f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        for key in ("sparsity_c", "init_threshold", "bandwidth"):
+            if getattr(self, key) <= 0:
+                _fail(f"train.{key}", f"must be > 0, got {getattr(self, key)}")
+        for key in ("init_rate", "val_fraction"):
+            if not 0 < getattr(self, key) < 1:
+                _fail(f"train.{key}", f"must be in (0, 1), got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how to run; not a dependency of any stage (results do not depend on it
     beyond floating-point noise), so changing it re-runs nothing."""
@@ -114,6 +185,7 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     dump: DumpConfig = field(default_factory=DumpConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 

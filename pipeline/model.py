@@ -202,7 +202,7 @@ def materialize(name: str, out_dir: str | Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    _add_legacy_rope_keys(staging / "config.json")
+    _make_loadable_by_transformers_4(staging)
     (staging / "source.json").write_text(json.dumps({"model.name": name}, indent=2) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -211,18 +211,26 @@ def materialize(name: str, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def _add_legacy_rope_keys(config_path: Path) -> None:
-    """Also write `rope_theta` at the top level of config.json.
+def _make_loadable_by_transformers_4(folder: Path) -> None:
+    """Keep the saved folder loadable by transformers 4.x, which circuit-tracer pins.
 
-    transformers 5 saves RoPE settings only under `rope_parameters`; transformers 4.x
-    (which circuit-tracer pins) reads `rope_theta` and would silently fall back to its
-    default (10000) without it.
+    transformers 5 saves RoPE settings only under `rope_parameters` (4.x reads `rope_theta`
+    and would silently fall back to 10000 without it) and names the tokenizer class
+    `TokenizersBackend`, which 4.x does not have; `PreTrainedTokenizerFast` loads the same
+    tokenizer.json in both.
     """
+    config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     rope = config.get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
         config["rope_theta"] = rope["rope_theta"]
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tok_path = folder / "tokenizer_config.json"
+    if tok_path.is_file():
+        tok = json.loads(tok_path.read_text())
+        if tok.get("tokenizer_class") == "TokenizersBackend":
+            tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+            tok_path.write_text(json.dumps(tok, indent=2, sort_keys=True) + "\n")
 
 
 def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.device):

@@ -157,6 +157,32 @@ def write_shard_file(path: Path, values: np.ndarray, chunk_rows: int) -> None:
         f.write(tail)
 
 
+def read_shard_file(path: Path, shape: tuple[int, ...], dtype, chunk_rows: int) -> np.ndarray | None:
+    """Read a shard written in the raw layout of `write_shard_file` as one file read.
+
+    Returns None (the caller then reads through Zarr) unless the file's index, checked
+    with its crc32c, says the chunks are stored back to back in order.
+    """
+    out = np.empty(shape, dtype)
+    data = memoryview(out.reshape(-1).view(np.uint8))
+    n_chunks = shape[0] // chunk_rows
+    tail = n_chunks * 16 + 4
+    with open(path, "rb") as f:
+        if f.readinto(data) != len(data):
+            return None
+        index_bytes = f.read(tail + 1)
+    if len(index_bytes) != tail:
+        return None
+    index = np.frombuffer(index_bytes[:-4], dtype="<u8").reshape(n_chunks, 2)
+    chunk_bytes = len(data) // n_chunks
+    expected = np.stack(
+        [np.arange(n_chunks, dtype=np.uint64) * chunk_bytes, np.full(n_chunks, chunk_bytes)], 1
+    )
+    if not np.array_equal(index, expected) or bytes(CRC32C().encode(index_bytes[:-4])) != index_bytes:
+        return None
+    return out
+
+
 def _write_direct(path: Path, data: memoryview) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     aligned = (
@@ -347,6 +373,7 @@ class ActivationStore:
         if attrs.get("complete") is not True:
             raise ValueError(f"{self.path} is incomplete (the dump did not finish); re-run `dvc repro dump`")
         self.schema = StoreSchema(**attrs["schema"])
+        self._fast: dict[str, bool] = {}
         for name in (*ACTIVATIONS, "token_ids", "doc_ids", "positions"):
             if name not in self.group:
                 raise ValueError(f"{self.path} has no array {name!r}; re-run `dvc repro dump`")
@@ -369,3 +396,25 @@ class ActivationStore:
         """Rows `[start, stop)` of an array as a torch tensor in its logical dtype."""
         values = self.group[name][start:stop]
         return to_torch(values, self.schema.dtype) if name in ACTIVATIONS else torch.from_numpy(values)
+
+    def to_torch(self, values: np.ndarray) -> torch.Tensor:
+        """Stored activation values as a torch tensor of the logical dtype (no copy)."""
+        return to_torch(values, self.schema.dtype)
+
+    def read_rows(self, name: str, start: int, stop: int, keep: np.ndarray | None = None) -> np.ndarray:
+        """Stored values of rows `[start, stop)` (a whole shard is read as one file), optionally
+        only the rows `keep` (indices relative to `start`)."""
+        values = None
+        s = self.schema
+        if (
+            name in ACTIVATIONS
+            and start % s.shard_tokens == 0
+            and stop - start == s.shard_tokens
+            and self._fast.setdefault(name, _fast_path_ok(self.group[name]))
+        ):
+            path = self.path / name / "c" / str(start // s.shard_tokens) / "0" / "0"
+            shape = (s.shard_tokens, s.n_layers, s.d_model)
+            values = read_shard_file(path, shape, storage_dtype(s.dtype), s.chunk_tokens)
+        if values is None:
+            values = self.group[name][start:stop]
+        return values if keep is None else values[keep]

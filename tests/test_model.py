@@ -67,6 +67,8 @@ def test_materialize_roundtrip(tiny_model_dir, tmp_path):
         torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits)
     assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
     assert not (tmp_path / "model.partial").exists()
+    # loadable by transformers 4.x (circuit-tracer): no transformers-5-only tokenizer class
+    assert "TokenizersBackend" not in (out / "tokenizer_config.json").read_text()
 
 
 def test_unknown_model_name_is_a_clear_error(tmp_path):

@@ -1,0 +1,328 @@
+"""The cross-layer transcoder (CLT) and its per-layer special case (PLT).
+
+Following Ameisen et al., "Circuit Tracing" (2025),
+https://transformer-circuits.pub/2025/attribution-graphs/methods.html:
+
+- one encoder per layer l reads that layer's MLP input x_l (`hook_resid_mid`):
+  a_l = act(W_enc_l x_l + b_enc_l), with `act` a JumpReLU a = h * (h > threshold);
+- every layer l has decoders to all layers l' >= l (`W_dec_l: [d_transcoder, n_layers - l,
+  d_model]`), and the reconstruction of the MLP output of layer l' sums the decoders of all
+  layers <= l': y_hat_l' = sum_{l <= l'} W_dec_l[:, l' - l]^T a_l + b_dec_l'.
+- a per-layer transcoder (`kind="plt"`) is the same model with `n_layers - l` replaced by 1.
+
+Training happens in a normalised space: inputs and targets of layer l are multiplied by
+scalars `input_scale[l]`, `output_scale[l]` chosen so that E||x|| = sqrt(d_model); `export`
+folds them into the weights so the saved transcoder works on raw activations.
+
+The JumpReLU threshold gets gradients through a straight-through estimator with a
+rectangle kernel of width `bandwidth` (Rajamanoharan et al. 2024,
+https://arxiv.org/abs/2407.14435): d a / d threshold = -(threshold / bandwidth) *
+rect((h - threshold) / bandwidth).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class CLTShape:
+    """What fixes the transcoder's parameters."""
+
+    n_layers: int
+    d_model: int
+    d_transcoder: int
+    """Features per layer."""
+    kind: Literal["clt", "plt"] = "clt"
+    activation: Literal["jumprelu", "topk", "batchtopk"] = "jumprelu"
+    k: int = 64
+    """Active features per layer and token for `topk` / `batchtopk`."""
+
+    def n_out(self, layer: int) -> int:
+        """How many layers the decoder of `layer` writes to."""
+        return self.n_layers - layer if self.kind == "clt" else 1
+
+
+class _JumpReLU(torch.autograd.Function):
+    """a = h * (h > threshold), with the rectangle-kernel STE for the threshold."""
+
+    @staticmethod
+    def forward(ctx, h, threshold, bandwidth: float):
+        mask = h > threshold
+        ctx.save_for_backward(h, threshold, mask)
+        ctx.bandwidth = bandwidth
+        return h * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, threshold, mask = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_h = grad * mask
+        window = ((h - threshold).abs() < eps / 2).to(grad.dtype)
+        grad_threshold = -(threshold / eps) * window * grad
+        grad_threshold = grad_threshold.sum_to_size(threshold.shape)
+        return grad_h, grad_threshold, None
+
+
+def jumprelu(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return _JumpReLU.apply(h, threshold, bandwidth)
+
+
+def _topk_mask(h: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the top `k` of the last dim (per layer and token)."""
+    idx = h.topk(k, dim=-1).indices
+    return torch.zeros_like(h, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def _batch_topk_mask(h: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the top `k * n_tokens` of each layer across the batch: h (n_layers, n_tokens, d_tc)."""
+    n_layers, n_tokens, _ = h.shape
+    flat = h.reshape(n_layers, -1)
+    idx = flat.topk(k * n_tokens, dim=-1).indices
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True).view_as(h)
+
+
+class _Decode(torch.autograd.Function):
+    """All decoders at once: out (n_layers * d_model, n_tokens) from acts (n_layers, n_tokens, d_tc).
+
+    The output is laid out so that the rows written by layer l's decoder (every layer from
+    l on, `n_out * d_model` rows) are one contiguous block: each layer is a single in-place
+    `addmm_`, and the backward pass reads contiguous blocks of the gradient. With `sparse`,
+    each layer's matmuls take only the features active somewhere in the batch, so their
+    cost scales with the number of active features rather than with d_transcoder.
+    """
+
+    @staticmethod
+    def forward(ctx, acts, d_model: int, sparse: bool, *W_dec):
+        n_layers, n_tokens, _ = acts.shape
+        out = acts.new_zeros(n_layers * d_model, n_tokens)
+        active = []
+        for l, W in enumerate(W_dec):  # W: (d_tc, n_out * d_model)
+            a = acts[l]
+            idx = (a != 0).any(0).nonzero().squeeze(1) if sparse else None
+            active.append(idx)
+            if idx is not None:
+                a, W = a.index_select(1, idx), W.index_select(0, idx)
+            out[l * d_model : l * d_model + W.shape[1]].addmm_(W.t(), a.t())
+        ctx.save_for_backward(acts, *W_dec)
+        ctx.active, ctx.d_model = active, d_model
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        acts, *W_dec = ctx.saved_tensors
+        d = ctx.d_model
+        grad_acts = torch.zeros_like(acts)
+        grad_W = []
+        for l, (W, idx) in enumerate(zip(W_dec, ctx.active)):
+            g = grad[l * d : l * d + W.shape[1]].to(W.dtype)  # (n_out * d_model, n_tokens)
+            a = acts[l]
+            if idx is None:
+                grad_acts[l] = (W @ g).t()
+                grad_W.append(a.t() @ g.t())
+            else:
+                grad_acts[l].index_copy_(1, idx, (W.index_select(0, idx) @ g).t())
+                gW = torch.zeros_like(W)
+                gW.index_copy_(0, idx, a.index_select(1, idx).t() @ g.t())
+                grad_W.append(gW)
+        return grad_acts, None, None, *grad_W
+
+
+class CrossLayerTranscoder(nn.Module):
+    def __init__(self, shape: CLTShape):
+        super().__init__()
+        self.shape = shape
+        L, d, F = shape.n_layers, shape.d_model, shape.d_transcoder
+        self.W_enc = nn.Parameter(torch.empty(L, d, F))
+        self.b_enc = nn.Parameter(torch.zeros(L, F))
+        self.log_threshold = nn.Parameter(torch.zeros(L, F))  # fp32 always
+        self.W_dec = nn.ParameterList([nn.Parameter(torch.empty(F, shape.n_out(l), d)) for l in range(L)])
+        self.b_dec = nn.Parameter(torch.zeros(L, d))
+        self.register_buffer("input_scale", torch.ones(L))
+        self.register_buffer("output_scale", torch.ones(L))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The paper's init: W_enc ~ U(+-1/sqrt(d_transcoder)), W_dec ~ U(+-1/sqrt(n_layers d_model))."""
+        L, d, F = self.shape.n_layers, self.shape.d_model, self.shape.d_transcoder
+        with torch.no_grad():
+            bound = 1 / math.sqrt(F)
+            self.W_enc.uniform_(-bound, bound)
+            bound = 1 / math.sqrt(L * d)
+            for W in self.W_dec:
+                W.uniform_(-bound, bound)
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def decoder_norms(self) -> torch.Tensor:
+        """||W_dec_f|| over all of a feature's output layers concatenated: (n_layers, d_transcoder)."""
+        return torch.stack([W.flatten(1).norm(dim=1) for W in self.W_dec])
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations h: x (n_tokens, n_layers, d_model) -> (n_layers, n_tokens, d_tc)."""
+        return torch.einsum("tld,ldf->ltf", x, self.W_enc.to(x.dtype)) + self.b_enc.to(x.dtype)[:, None]
+
+    def activate(self, h: torch.Tensor, bandwidth: float = 0.0) -> torch.Tensor:
+        """Feature activations from pre-activations, per `shape.activation`."""
+        kind = self.shape.activation
+        if kind == "jumprelu":
+            threshold = self.threshold[:, None]  # (n_layers, 1, d_tc)
+            if bandwidth > 0 and torch.is_grad_enabled():
+                return jumprelu(h.float(), threshold, bandwidth).to(h.dtype)
+            return h * (h > threshold.to(h.dtype))
+        mask = _topk_mask(h, self.shape.k) if kind == "topk" else _batch_topk_mask(h, self.shape.k)
+        return torch.relu(h) * mask
+
+    def decode(self, acts: torch.Tensor, *, sparse: bool = False) -> torch.Tensor:
+        """Every layer's MLP output: acts (n_layers, n_tokens, d_tc) -> (n_tokens, n_layers, d_model)."""
+        L, n_tokens, _ = acts.shape
+        d = self.shape.d_model
+        W_dec = [W.to(acts.dtype).flatten(1) for W in self.W_dec]  # (d_tc, n_out * d_model) each
+        out = _Decode.apply(acts, d, sparse, *W_dec)  # (n_layers * d_model, n_tokens)
+        return out.view(L, d, n_tokens).permute(2, 0, 1) + self.b_dec.to(acts.dtype)
+
+    def forward(self, x: torch.Tensor, *, bandwidth: float = 0.0, sparse: bool = False):
+        """x (n_tokens, n_layers, d_model) -> pre-activations and activations (n_layers, n_tokens,
+        d_tc), reconstruction (n_tokens, n_layers, d_model)."""
+        h = self.pre_acts(x)
+        acts = self.activate(h, bandwidth)
+        return h, acts, self.decode(acts, sparse=sparse)
+
+    def config_dict(self) -> dict:
+        return asdict(self.shape)
+
+
+HOOKS = {"feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out"}
+
+
+@torch.no_grad()
+def raw_space_weights(model: CrossLayerTranscoder) -> dict[str, list[torch.Tensor]]:
+    """The weights with the normalisation folded in, so they act on raw activations.
+
+    x_hat = s_in x  =>  W_enc_raw = s_in W_enc;  y = y_hat / s_out  =>  each decoder slice
+    writing to layer l' and b_dec[l'] are divided by s_out[l'].
+    """
+    s_in, s_out = model.input_scale.float(), model.output_scale.float()
+    L = model.shape.n_layers
+    W_dec = []
+    for l, W in enumerate(model.W_dec):
+        targets = torch.arange(l, l + W.shape[1]) if model.shape.kind == "clt" else torch.tensor([l])
+        W_dec.append((W.float() / s_out[targets][None, :, None]).contiguous())
+    return {
+        "W_enc": [(model.W_enc[l].float() * s_in[l]).t().contiguous() for l in range(L)],
+        "b_enc": [model.b_enc[l].float().contiguous() for l in range(L)],
+        "threshold": [model.threshold[l].float().contiguous() for l in range(L)],
+        "b_dec": [(model.b_dec[l].float() / s_out[l]).contiguous() for l in range(L)],
+        "W_dec": W_dec,
+    }
+
+
+def export_transcoder(
+    model: CrossLayerTranscoder, out: str | Path, *, model_name: str, scan: str | None = None
+):
+    """Write circuit-tracer's on-disk format (FORMATS.md §1), atomically.
+
+    `clt`: `W_enc_{i}.safetensors` (W_enc_i [d_tc, d_model], b_enc_i, b_dec_i, threshold_i)
+    and `W_dec_{i}.safetensors` (W_dec_i [d_tc, n_layers - i, d_model]).
+    `plt`: `layer_{i}.safetensors` (W_enc, W_dec [d_tc, d_model], b_enc, b_dec,
+    activation_function.threshold). Plus `config.yaml`.
+    """
+    import yaml
+    from safetensors.torch import save_file
+
+    if model.shape.activation != "jumprelu":
+        raise ValueError("only JumpReLU transcoders can be exported; calibrate thresholds first")
+    out = Path(out)
+    tmp = out.with_name(out.name + ".export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    w = raw_space_weights(model)
+    for i in range(model.shape.n_layers):
+        if model.shape.kind == "clt":
+            save_file(
+                {
+                    f"W_enc_{i}": w["W_enc"][i],
+                    f"b_enc_{i}": w["b_enc"][i],
+                    f"b_dec_{i}": w["b_dec"][i],
+                    f"threshold_{i}": w["threshold"][i],
+                },
+                tmp / f"W_enc_{i}.safetensors",
+            )
+            save_file({f"W_dec_{i}": w["W_dec"][i]}, tmp / f"W_dec_{i}.safetensors")
+        else:
+            save_file(
+                {
+                    "W_enc": w["W_enc"][i],
+                    "W_dec": w["W_dec"][i][:, 0].contiguous(),
+                    "b_enc": w["b_enc"][i],
+                    "b_dec": w["b_dec"][i],
+                    "activation_function.threshold": w["threshold"][i],
+                },
+                tmp / f"layer_{i}.safetensors",
+            )
+    config = {
+        "model_kind": "cross_layer_transcoder" if model.shape.kind == "clt" else "transcoder_set",
+        **HOOKS,
+        "model_name": model_name,
+        "scan": scan,
+        "d_transcoder": model.shape.d_transcoder,
+    }
+    if model.shape.kind == "plt":
+        config["transcoders"] = [f"layer_{i}.safetensors" for i in range(model.shape.n_layers)]
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def load_transcoder(folder: str | Path) -> CrossLayerTranscoder:
+    """Load an exported folder (either layout) as a raw-space `CrossLayerTranscoder`."""
+    import yaml
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a transcoder folder (no config.yaml); run `dvc repro train`"
+        )
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    kind = {"cross_layer_transcoder": "clt", "transcoder_set": "plt"}.get(config.get("model_kind"))
+    if kind is None:
+        raise ValueError(f"{folder}/config.yaml has unknown model_kind {config.get('model_kind')!r}")
+    if kind == "clt":
+        n_layers = len(list(folder.glob("W_enc_*.safetensors")))
+        enc = [load_file(folder / f"W_enc_{i}.safetensors") for i in range(n_layers)]
+        dec = [load_file(folder / f"W_dec_{i}.safetensors")[f"W_dec_{i}"] for i in range(n_layers)]
+        W_enc = [e[f"W_enc_{i}"] for i, e in enumerate(enc)]
+        b_enc = [e[f"b_enc_{i}"] for i, e in enumerate(enc)]
+        b_dec = [e[f"b_dec_{i}"] for i, e in enumerate(enc)]
+        threshold = [e[f"threshold_{i}"] for i, e in enumerate(enc)]
+    else:
+        n_layers = len(list(folder.glob("layer_*.safetensors")))
+        layers = [load_file(folder / f"layer_{i}.safetensors") for i in range(n_layers)]
+        W_enc = [t["W_enc"] for t in layers]
+        b_enc = [t["b_enc"] for t in layers]
+        b_dec = [t["b_dec"] for t in layers]
+        threshold = [t["activation_function.threshold"] for t in layers]
+        dec = [t["W_dec"][:, None] for t in layers]
+    d_tc, d_model = W_enc[0].shape
+    model = CrossLayerTranscoder(CLTShape(n_layers=n_layers, d_model=d_model, d_transcoder=d_tc, kind=kind))
+    with torch.no_grad():
+        model.W_enc.copy_(torch.stack([w.t() for w in W_enc]))
+        model.b_enc.copy_(torch.stack(b_enc))
+        model.b_dec.copy_(torch.stack(b_dec))
+        model.log_threshold.copy_(torch.stack(threshold).log())
+        for W, d in zip(model.W_dec, dec):
+            W.copy_(d)
+    return model

@@ -1,0 +1,317 @@
+"""Training a cross-layer transcoder from the activation store.
+
+1. `fit_scales`: per-layer scalars that bring E||x|| (and E||y||) to sqrt(d_model).
+2. `init_encoder`: thresholds at `init_threshold`, b_enc so each feature fires on
+   `init_rate` of tokens, and the STE bandwidth from the pre-activation scale.
+3. `train_steps`: Adam on the paper's loss (`loss_terms`): MSE summed over d_model and
+   layers and averaged over tokens, plus lambda * tanh(c * ||W_dec_f|| * a_f) with lambda
+   ramped linearly, plus a small relu(threshold - h) * ||W_dec_f|| pre-activation loss.
+   Checkpoints every `checkpoint_every` steps make a killed run resume exactly.
+4. `validate`: per-layer NMSE (fraction of variance unexplained), L0 and dead features on
+   the held-out documents.
+5. `calibrate_thresholds` (topk / batchtopk only) and `export` to circuit-tracer's format.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.clt import CLTShape, CrossLayerTranscoder, export_transcoder
+from pipeline.config import Params, TrainConfig
+from pipeline.loader import ActivationLoader, split_mask
+from pipeline.model import resolve_device
+from pipeline.store import ACTIVATIONS, ActivationStore
+
+logger = logging.getLogger(__name__)
+
+
+def sample_rows(store: ActivationStore, split: str, val_fraction: float, n: int) -> dict[str, torch.Tensor]:
+    """Up to `n` rows of `split` in store order, as float32 (for statistics and init)."""
+    doc_ids, positions = store.array("doc_ids")[:], store.array("positions")[:]
+    mask = split_mask(doc_ids, positions, split, val_fraction)
+    out = {name: [] for name in ACTIVATIONS}
+    have = 0
+    for shard in range(store.schema.n_shards):
+        start, stop = store.schema.shard_rows(shard)
+        keep = np.flatnonzero(mask[start:stop])[: n - have]
+        for name in ACTIVATIONS:
+            out[name].append(store.to_torch(store.read_rows(name, start, stop, keep)).float())
+        have += len(keep)
+        if have >= n:
+            break
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def fit_scales(model: CrossLayerTranscoder, sample: dict[str, torch.Tensor]) -> None:
+    """Set the per-layer scalars so that E||x_l|| = E||y_l|| = sqrt(d_model) after scaling."""
+    root_d = math.sqrt(model.shape.d_model)
+    with torch.no_grad():
+        model.input_scale.copy_(root_d / sample["resid_mid"].norm(dim=-1).mean(0))
+        model.output_scale.copy_(root_d / sample["mlp_out"].norm(dim=-1).mean(0).clamp_min(1e-6))
+
+
+def init_encoder(model: CrossLayerTranscoder, x: torch.Tensor, cfg: TrainConfig) -> float:
+    """Thresholds, encoder bias and STE bandwidth from normalised inputs `x`; returns the bandwidth."""
+    with torch.no_grad():
+        h = torch.einsum("tld,ldf->ltf", x, model.W_enc)  # (n_layers, n_tokens, d_tc), no bias yet
+        if model.shape.activation == "jumprelu":
+            model.log_threshold.fill_(math.log(cfg.init_threshold))
+            quantile = torch.quantile(h, 1 - cfg.init_rate, dim=1)  # (n_layers, d_tc)
+            model.b_enc.copy_(cfg.init_threshold - quantile)
+        return cfg.bandwidth * h.std().item()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, constant, then linear decay to 0 over the last 20% of steps."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    decay_start = int(0.8 * cfg.n_steps)
+    decay = 1.0 if step < decay_start else max(0.0, (cfg.n_steps - step) / (cfg.n_steps - decay_start))
+    return cfg.lr * warm * decay
+
+
+def sparsity_lambda_at(step: int, cfg: TrainConfig) -> float:
+    """lambda ramps linearly from 0 to `sparsity_coef` over the run."""
+    return cfg.sparsity_coef * min(1.0, step / max(1, cfg.n_steps - 1))
+
+
+def normalise(model: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor):
+    return (
+        x.float() * model.input_scale[None, :, None],
+        y.float() * model.output_scale[None, :, None],
+    )
+
+
+def loss_terms(
+    model: CrossLayerTranscoder,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lam: float,
+    cfg: TrainConfig,
+    bandwidth: float,
+) -> dict[str, torch.Tensor]:
+    """The paper's loss on normalised (x, y), each (n_tokens, n_layers, d_model)."""
+    device_type = x.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.autocast):
+        h, acts, recon = model(x, bandwidth=bandwidth, sparse=cfg.sparse_decoder)
+    mse = (recon.float() - y).pow(2).sum(dim=(1, 2)).mean()
+    terms = {"mse": mse, "acts": acts.detach()}
+    total = mse
+    if model.shape.activation == "jumprelu":
+        norms = model.decoder_norms()  # (n_layers, d_tc), fp32
+        norms = norms[:, None]  # acts and h are (n_layers, n_tokens, d_tc)
+        sparsity = torch.tanh(cfg.sparsity_c * acts.float() * norms).sum(dim=(0, 2)).mean()
+        pre_act = (torch.relu(model.threshold[:, None] - h.float()) * norms).sum(dim=(0, 2)).mean()
+        total = total + lam * sparsity + cfg.pre_act_coef * pre_act
+        terms.update(sparsity=sparsity, pre_act=pre_act)
+    terms["total"] = total
+    return terms
+
+
+class Checkpoint:
+    """An atomic checkpoint of everything a resumed run needs to continue exactly."""
+
+    def __init__(self, folder: Path, fingerprint: dict):
+        self.path = folder / "checkpoint.pt"
+        self.fingerprint = fingerprint
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != self.fingerprint:
+            logger.warning("ignoring %s: written with other settings", self.path)
+            return None
+        return state
+
+    def save(self, **state) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"fingerprint": self.fingerprint, **state}, tmp)
+        os.replace(tmp, self.path)
+
+
+def build_transcoder(store: ActivationStore, cfg: TrainConfig) -> CrossLayerTranscoder:
+    shape = CLTShape(
+        n_layers=store.schema.n_layers,
+        d_model=store.schema.d_model,
+        d_transcoder=cfg.d_transcoder,
+        kind=cfg.kind,
+        activation=cfg.activation,
+        k=cfg.k,
+    )
+    return CrossLayerTranscoder(shape)
+
+
+def train_steps(
+    model: CrossLayerTranscoder,
+    loader: ActivationLoader,
+    cfg: TrainConfig,
+    checkpoint: Checkpoint,
+    *,
+    bandwidth: float,
+    device: torch.device,
+    progress: bool = True,
+) -> list[dict]:
+    """Run (or resume) the optimisation; returns the per-step history."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    state = checkpoint.load()
+    step, history = 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history, bandwidth = state["step"], state["history"], state["bandwidth"]
+        logger.info("resuming training at step %d/%d", step, cfg.n_steps)
+    bar = tqdm(total=cfg.n_steps, initial=step, desc="train", unit="step", disable=not progress)
+    per_epoch = loader.batches_per_epoch
+    while step < cfg.n_steps:
+        epoch, first = divmod(step, per_epoch)
+        for batch in loader.epoch(epoch, first):
+            x, y = normalise(model, batch.x.to(device), batch.y.to(device))
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            lam = sparsity_lambda_at(step, cfg)
+            terms = loss_terms(model, x, y, lam=lam, cfg=cfg, bandwidth=bandwidth)
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            optimizer.step()
+            l0 = (terms["acts"] != 0).float().sum(-1).mean().item()
+            variance = (y - y.mean(0)).pow(2).sum(dim=(1, 2)).mean().item()
+            history.append(
+                {
+                    "step": step,
+                    "loss": terms["total"].item(),
+                    "mse": terms["mse"].item(),
+                    "nmse": terms["mse"].item() / variance,
+                    "l0": l0,
+                    "lambda": lam,
+                    "lr": lr_at(step, cfg),
+                }
+            )
+            step += 1
+            bar.update(1)
+            bar.set_postfix(nmse=f"{history[-1]['nmse']:.3f}", l0=f"{l0:.1f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.n_steps:
+                checkpoint.save(
+                    model=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    step=step,
+                    history=history,
+                    bandwidth=bandwidth,
+                )
+            if step == cfg.n_steps:
+                break
+    bar.close()
+    return history
+
+
+@torch.no_grad()
+def validate(model: CrossLayerTranscoder, sample: dict[str, torch.Tensor], batch_size: int = 1024) -> dict:
+    """Per-layer NMSE (FVU), mean L0 and dead-feature fraction on held-out rows (raw space)."""
+    L = model.shape.n_layers
+    sq_err = torch.zeros(L, dtype=torch.float64)
+    fired = torch.zeros(L, model.shape.d_transcoder, dtype=torch.bool)
+    l0 = torch.zeros(L, dtype=torch.float64)
+    y_all = sample["mlp_out"]
+    total_var = (y_all - y_all.mean(0)).pow(2).sum(dim=(0, 2)).double()  # (n_layers,)
+    n = len(y_all)
+    for b in range(0, n, batch_size):
+        x, y = normalise(model, sample["resid_mid"][b : b + batch_size], y_all[b : b + batch_size])
+        _, acts, recon = model(x)
+        recon_raw = recon / model.output_scale[None, :, None]
+        y_raw = y / model.output_scale[None, :, None]
+        sq_err += (recon_raw - y_raw).pow(2).sum(dim=(0, 2)).double()
+        fired |= (acts != 0).any(1)
+        l0 += (acts != 0).sum(dim=(1, 2)).double()
+    nmse = (sq_err / total_var).tolist()
+    l0 = (l0 / n).tolist()
+    dead = (~fired).float().mean(1).tolist()
+    return {
+        "n_tokens": n,
+        "mean": {
+            "nmse": float(np.mean(nmse)),
+            "l0": float(np.mean(l0)),
+            "dead_fraction": float(np.mean(dead)),
+        },
+        "per_layer": [
+            {"layer": layer, "nmse": nmse[layer], "l0": l0[layer], "dead_fraction": dead[layer]}
+            for layer in range(L)
+        ],
+    }
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: CrossLayerTranscoder, x: torch.Tensor) -> None:
+    """For topk / batchtopk: per-layer JumpReLU thresholds giving the same mean L0 (k) on `x`."""
+    h = model.pre_acts(x)  # (n_layers, n_tokens, d_tc)
+    _, n_tokens, d = h.shape
+    k = model.shape.k
+    flat = h.reshape(model.shape.n_layers, -1)
+    kth = flat.topk(k * n_tokens, dim=-1).values[:, -1]  # the (k * n_tokens)-th largest per layer
+    threshold = kth.clamp_min(1e-6)  # JumpReLU thresholds must be positive (a ReLU below)
+    model.log_threshold.copy_(threshold.log()[:, None].expand(-1, d))
+
+
+def write_metrics(folder: Path, metrics: dict, history: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with open(folder / "train_curve.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "loss", "mse", "nmse", "l0", "lambda", "lr"])
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def run(params: Params, *, progress: bool = True) -> dict:
+    """The `train` stage: fit the transcoder, validate it, export it for circuit-tracer."""
+    cfg = params.train
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(params.runtime.device)
+    store = ActivationStore(params.paths.activations)
+    out = Path(params.paths.transcoder)
+    work = out.with_name(out.name + ".partial")
+    loader = ActivationLoader(
+        store,
+        batch_size=cfg.batch_size,
+        split="train",
+        val_fraction=cfg.val_fraction,
+        buffer_shards=cfg.buffer_shards,
+        seed=cfg.seed,
+    )
+    model = build_transcoder(store, cfg)
+    init = sample_rows(store, "train", cfg.val_fraction, 4096)
+    fit_scales(model, init)
+    x_init, _ = normalise(model, init["resid_mid"], init["mlp_out"])
+    bandwidth = init_encoder(model, x_init, cfg)
+    model.to(device)
+    fingerprint = {"train": asdict(cfg), "store": asdict(store.schema)}
+    history = train_steps(
+        model,
+        loader,
+        cfg,
+        Checkpoint(work, fingerprint),
+        bandwidth=bandwidth,
+        device=device,
+        progress=progress,
+    )
+    model.cpu()
+    if cfg.activation != "jumprelu":
+        calibrate_thresholds(model, x_init)
+        model.shape = CLTShape(**{**asdict(model.shape), "activation": "jumprelu"})
+    val = sample_rows(store, "val", cfg.val_fraction, 8192)
+    metrics = validate(model, val)
+    logger.info("validation: %s", metrics["mean"])
+    export_transcoder(model, out, model_name=params.model.name)
+    write_metrics(Path(params.paths.metrics), metrics, history)
+    shutil.rmtree(work, ignore_errors=True)
+    return metrics

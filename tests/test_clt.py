@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from pipeline.clt import (
+    CLTShape,
+    CrossLayerTranscoder,
+    export_transcoder,
+    jumprelu,
+    load_transcoder,
+)
+
+
+def make(kind="clt", activation="jumprelu", n_layers=4, d_model=16, d_tc=32, k=4):
+    model = CrossLayerTranscoder(CLTShape(n_layers, d_model, d_tc, kind=kind, activation=activation, k=k))
+    with torch.no_grad():
+        model.b_enc.normal_(0, 0.1)
+        model.b_dec.normal_(0, 0.1)
+        model.log_threshold.uniform_(-3, -1)
+        model.input_scale.uniform_(0.5, 2)
+        model.output_scale.uniform_(0.5, 2)
+    return model
+
+
+def naive_decode(model, acts):
+    """Reference: y_l' = sum_{l <= l'} W_dec_l[:, l' - l]^T a_l + b_dec_l' (per-layer: l = l' only)."""
+    L = model.shape.n_layers
+    out = torch.zeros(acts.shape[1], L, model.shape.d_model)
+    for target in range(L):
+        sources = range(target + 1) if model.shape.kind == "clt" else [target]
+        for l in sources:
+            out[:, target] += acts[l] @ model.W_dec[l][:, target - l if model.shape.kind == "clt" else 0]
+        out[:, target] += model.b_dec[target]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["clt", "plt"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_decode_matches_naive_with_gradients(kind, sparse):
+    model = make(kind)
+    acts = torch.relu(torch.randn(4, 5, 32)) * (torch.rand(4, 5, 32) < 0.2)  # (n_layers, n_tokens, d_tc)
+    acts[:, :, :6] = 0  # some features inactive in the whole batch
+    g = torch.randn(5, 4, 16)
+    a1 = acts.clone().requires_grad_()
+    (model.decode(a1, sparse=sparse) * g).sum().backward()
+    grads = [W.grad.clone() for W in model.W_dec]
+    model.zero_grad()
+    a2 = acts.clone().requires_grad_()
+    (naive_decode(model, a2) * g).sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.decode(acts, sparse=sparse), naive_decode(model, acts), rtol=1e-5, atol=1e-5
+        )
+    for mine, ref in zip(grads, model.W_dec):
+        torch.testing.assert_close(mine, ref.grad, rtol=1e-5, atol=1e-5)
+    # the JumpReLU needs gradients only where a feature is active (its mask is 0 elsewhere)
+    active = acts != 0 if sparse else torch.ones_like(acts, dtype=torch.bool)
+    torch.testing.assert_close(a1.grad[active], a2.grad[active], rtol=1e-5, atol=1e-5)
+
+
+def test_jumprelu_forward_and_straight_through_gradients():
+    h = torch.tensor([0.05, 0.149, 0.151, 0.3, -1.0], requires_grad=True)
+    theta = torch.full((5,), 0.15, requires_grad=True)
+    out = jumprelu(h, theta, 0.01)
+    torch.testing.assert_close(out, torch.tensor([0, 0, 0.151, 0.3, 0]))
+    out.sum().backward()
+    torch.testing.assert_close(h.grad, torch.tensor([0.0, 0, 1, 1, 0]))
+    # rectangle kernel: -(theta / eps) inside |h - theta| < eps / 2, 0 outside
+    torch.testing.assert_close(theta.grad, torch.tensor([0, -15.0, -15.0, 0, 0]))
+
+
+@pytest.mark.parametrize("kind", ["clt", "plt"])
+def test_export_folds_normalisation_and_roundtrips(tmp_path, kind):
+    model = make(kind)
+    x_raw = torch.randn(7, 4, 16) * 3
+    x_norm = x_raw * model.input_scale[None, :, None]
+    with torch.no_grad():
+        _, acts, recon = model(x_norm)
+        expected = recon / model.output_scale[None, :, None]
+    export_transcoder(model, tmp_path / "tc", model_name="tiny")
+    loaded = load_transcoder(tmp_path / "tc")
+    with torch.no_grad():
+        _, acts2, recon2 = loaded(x_raw)
+    torch.testing.assert_close(acts2, acts, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(recon2, expected, rtol=1e-5, atol=1e-5)
+    files = sorted(p.name for p in (tmp_path / "tc").iterdir())
+    if kind == "clt":
+        assert "W_enc_0.safetensors" in files and "W_dec_3.safetensors" in files
+    else:
+        assert "layer_0.safetensors" in files
+
+
+def test_topk_and_batchtopk_keep_k_per_layer():
+    h = torch.randn(4, 8, 32)  # (n_layers, n_tokens, d_tc)
+    for activation in ("topk", "batchtopk"):
+        model = make(activation=activation, k=3)
+        acts = model.activate(h.abs() + 0.1)
+        counts = (acts != 0).sum(-1).float()  # (n_layers, n_tokens)
+        if activation == "topk":
+            assert (counts == 3).all()
+        else:
+            torch.testing.assert_close(counts.sum(1), torch.full((4,), 24.0))

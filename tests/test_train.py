@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import torch
+
+from pipeline.clt import load_transcoder
+from pipeline.config import parse_params
+from pipeline.dump import run as run_dump
+from pipeline.loader import ActivationLoader
+from pipeline.store import ActivationStore
+from pipeline.train import Checkpoint, normalise, run, sample_rows
+from tests.tiny import TEXT
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("store")
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": TEXT * 3 + str(i)}) for i in range(40)))
+    model_dir = tiny_model_dir("llama")
+    raw = {
+        "paths": {"model_dir": str(model_dir), "activations": str(tmp / "act.zarr")},
+        "model": {"name": str(model_dir), "dtype": "float32"},
+        "corpus": {"path": str(corpus), "context_len": 16},
+        "dump": {"n_tokens": 2048, "batch_size": 8, "shard_tokens": 256, "chunk_tokens": 64},
+        "runtime": {"device": "cpu"},
+    }
+    run_dump(parse_params(raw), progress=False)
+    return raw
+
+
+def _params(tmp_path, base, **train):
+    raw = {
+        **base,
+        "paths": {**base["paths"], "transcoder": str(tmp_path / "tc"), "metrics": str(tmp_path / "metrics")},
+        "train": {
+            "d_transcoder": 16,
+            "n_steps": 12,
+            "batch_size": 64,
+            "checkpoint_every": 4,
+            "buffer_shards": 2,
+            "val_fraction": 0.2,
+            "sparsity_coef": 0.01,
+            "lr": 3e-3,
+            **train,
+        },
+    }
+    return parse_params(raw)
+
+
+def test_loader_is_deterministic_excludes_bos_and_resumes_mid_epoch(tiny_store):
+    store = ActivationStore(tiny_store["paths"]["activations"])
+    loader = ActivationLoader(store, batch_size=50, buffer_shards=3, seed=1)
+    batches = [b.x.clone() for b in loader.epoch(0)]
+    assert len(batches) == loader.batches_per_epoch
+    again = [b.x for b in loader.epoch(0, start_batch=5)]
+    for a, b in zip(batches[5:], again):
+        torch.testing.assert_close(a, b)
+    # BOS rows have a fixed residual (same token, position 0): none may appear
+    bos = store.read("resid_mid", 0, 1)[0]
+    for b in batches:
+        assert not (b == bos).all(dim=(1, 2)).any()
+    val = ActivationLoader(store, batch_size=10, split="val", val_fraction=0.2)
+    assert 0 < val.n_rows < loader.n_rows
+
+
+def test_training_reduces_error_and_exports(tiny_store, tmp_path):
+    params = _params(tmp_path, tiny_store, n_steps=30)
+    metrics = run(params, progress=False)
+    curve = (tmp_path / "metrics" / "train_curve.csv").read_text().splitlines()
+    assert len(curve) == 31
+    first, last = float(curve[1].split(",")[3]), float(curve[-1].split(",")[3])
+    assert last < first
+    assert 0 <= metrics["mean"]["nmse"] < 1.0
+    assert json.loads((tmp_path / "metrics" / "train.json").read_text())["mean"] == metrics["mean"]
+    loaded = load_transcoder(tmp_path / "tc")
+    assert loaded.shape.n_layers == 3 and loaded.shape.d_transcoder == 16
+    assert not (tmp_path / "tc.partial").exists()
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_topk_exports_jumprelu_with_same_l0(tiny_store, tmp_path, activation):
+    params = _params(tmp_path, tiny_store, activation=activation, k=4)
+    metrics = run(params, progress=False)
+    assert 2 <= metrics["mean"]["l0"] <= 6  # calibrated thresholds give ~k on held-out rows
+
+
+def test_killed_training_resumes_exactly(tiny_store, tmp_path, monkeypatch):
+    reference = run(_params(tmp_path / "a", tiny_store), progress=False)
+    params = _params(tmp_path / "b", tiny_store)
+    original = Checkpoint.save
+    calls = {"n": 0}
+
+    def crash_after_second_checkpoint(self, **state):
+        original(self, **state)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Checkpoint, "save", crash_after_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run(params, progress=False)
+    monkeypatch.setattr(Checkpoint, "save", original)
+    resumed = run(params, progress=False)
+    assert resumed == reference
+    a, b = load_transcoder(tmp_path / "a" / "tc"), load_transcoder(tmp_path / "b" / "tc")
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_normalisation_gives_root_d_norms(tiny_store):
+    from pipeline.train import build_transcoder, fit_scales
+
+    store = ActivationStore(tiny_store["paths"]["activations"])
+    cfg = _params(__import__("pathlib").Path("/tmp"), tiny_store).train
+    model = build_transcoder(store, cfg)
+    sample = sample_rows(store, "train", 0.2, 512)
+    fit_scales(model, sample)
+    x, y = normalise(model, sample["resid_mid"], sample["mlp_out"])
+    root_d = store.schema.d_model**0.5
+    torch.testing.assert_close(x.norm(dim=-1).mean(0), torch.full((3,), root_d), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y.norm(dim=-1).mean(0), torch.full((3,), root_d), rtol=1e-4, atol=1e-4)
