@@ -23,7 +23,7 @@ from pipeline.store import ACTIVATIONS, ActivationStore
 
 def split_mask(doc_ids: np.ndarray, positions: np.ndarray, split: str, val_fraction: float) -> np.ndarray:
     """Rows of `split` ("train" or "val"): documents split by a hash of their id; BOS excluded."""
-    h = (doc_ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)
+    h = ((doc_ids.astype(np.uint64) + np.uint64(1)) * np.uint64(2654435761)) % np.uint64(2**32)
     is_val = h.astype(np.float64) / 2**32 < val_fraction
     keep = is_val if split == "val" else ~is_val
     return keep & (positions != 0)
@@ -61,9 +61,12 @@ class ActivationLoader:
         )
         self.n_rows = int(self.rows_per_shard.sum())
         if self.n_rows < batch_size:
+            n_docs = len(np.unique(store.array("doc_ids")[:n]))
             raise ValueError(
-                f"the {split} split has {self.n_rows} tokens, fewer than one batch of {batch_size}; "
-                "lower the batch size or dump more tokens"
+                f"the {split} split has {self.n_rows} tokens (of {n} stored, from {n_docs} documents; "
+                f"`train.val_fraction` {val_fraction} of the documents are held out), fewer than one "
+                f"batch of {batch_size}; lower the batch size, change `train.val_fraction`, or dump "
+                "more tokens from more documents"
             )
 
     @property

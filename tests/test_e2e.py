@@ -1,5 +1,6 @@
 """`dvc repro` on a tiny configuration in a temporary copy of the repository."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -33,12 +34,14 @@ def tiny_repo(tmp_path, tiny_model_dir):
         else:
             shutil.copy(src, dst)
     (repo / "data" / "corpus").mkdir(parents=True)
-    (repo / "data" / "corpus" / "tiny.txt").write_text(TEXT * 30)
+    docs = [json.dumps({"text": TEXT * 2 + str(i)}) for i in range(30)]
+    (repo / "data" / "corpus" / "tiny.jsonl").write_text("\n".join(docs))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["model"]["name"] = str(tiny_model_dir("llama"))
     params["model"]["dtype"] = "float32"
-    params["corpus"].update(path="data/corpus/tiny.txt", context_len=16)
+    params["corpus"].update(path="data/corpus/tiny.jsonl", context_len=16)
     params["dump"].update(n_tokens=512, batch_size=4, shard_tokens=128, chunk_tokens=64)
+    params["train"].update(d_transcoder=16, n_steps=6, batch_size=64, checkpoint_every=2, buffer_shards=2)
     params["runtime"]["device"] = "cpu"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -56,6 +59,7 @@ def test_dvc_repro_on_tiny_config(tiny_repo):
     assert store.n_tokens == 512 and store.schema.n_layers == 3
     weights = repo / "data" / "model" / "model.safetensors"
     assert weights.stat().st_nlink == 2  # linked to the DVC cache, not copied twice
+    assert (repo / "data" / "transcoder" / "W_dec_2.safetensors").is_file()
     assert "up to date" in run(["dvc", "status"], repo, env).lower()
     # Changing a dump parameter re-runs dump only.
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -63,3 +67,9 @@ def test_dvc_repro_on_tiny_config(tiny_repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro"], repo, env)
     assert "Running stage 'dump'" in out and "Running stage 'model'" not in out
+    # Changing a train parameter re-runs train only.
+    params["train"]["lr"] = 0.002
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], repo, env)
+    assert "Running stage 'train'" in out
+    assert "Running stage 'dump'" not in out and "Running stage 'model'" not in out
