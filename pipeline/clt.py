@@ -274,11 +274,9 @@ def export_transcoder(
         "model_kind": "cross_layer_transcoder" if model.shape.kind == "clt" else "transcoder_set",
         **HOOKS,
         "model_name": model_name,
-        "scan": scan,
-        "d_transcoder": model.shape.d_transcoder,
     }
-    if model.shape.kind == "plt":
-        config["transcoders"] = [f"layer_{i}.safetensors" for i in range(model.shape.n_layers)]
+    if scan is not None:  # circuit-tracer falls back to the folder's own path when absent
+        config["scan"] = scan
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     if out.exists():
         shutil.rmtree(out)
