@@ -23,7 +23,7 @@ PARAMS_HELP = "params.yaml to read (default: ./params.yaml)."
 def main() -> None:
     """Circuit tracing with cross-layer transcoders.
 
-    Pipeline stages (run in order by `dvc repro`): model, dump.
+    Pipeline stages (run in order by `dvc repro`): model, dump, train, evaluate.
     """
     setup_logging()
 
@@ -48,6 +48,37 @@ def dump(params_path: str) -> None:
     params = load_params(params_path)
     configure_torch(params.runtime.num_threads)
     run(params)
+
+
+@main.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+def evaluate(params_path: str) -> None:
+    """Stage 3: splice the transcoder into the model; CE, KL and top-1 on held-out text."""
+    from pipeline.evaluate import run
+    from pipeline.model import configure_torch
+
+    params = load_params(params_path)
+    configure_torch(params.runtime.num_threads)
+    run(params)
+
+
+@main.command()
+@click.option("--prompt", required=True, help="Text to continue (BOS is prepended).")
+@click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+def generate(prompt: str, max_new_tokens: int, params_path: str) -> None:
+    """Greedy continuations of a prompt by the original model and the replacement model
+    (every MLP output replaced by the transcoder's reconstruction)."""
+    from pipeline.evaluate import generate, load_for_splicing
+    from pipeline.model import configure_torch
+
+    params = load_params(params_path)
+    configure_torch(params.runtime.num_threads)
+    model, tokenizer, transcoder = load_for_splicing(params)
+    out = generate(model, tokenizer, transcoder, prompt, max_new_tokens=max_new_tokens)
+    click.echo(f"prompt:      {prompt}")
+    click.echo(f"original:    {out['original']}")
+    click.echo(f"replacement: {out['replacement']}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

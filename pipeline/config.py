@@ -161,6 +161,22 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """The `evaluate` stage: the transcoder spliced into the model, on held-out text."""
+
+    n_sequences: int = 32
+    """Held-out sequences to evaluate on: the first ones in the activation store whose every
+    token (BOS aside) comes from a validation document (`train.val_fraction`)."""
+    batch_size: int = 8
+    """Sequences per forward pass (each batch runs 3 + n_layers forward passes)."""
+
+    def __post_init__(self):
+        for key in ("n_sequences", "batch_size"):
+            if getattr(self, key) < 1:
+                _fail(f"evaluate.{key}", f"must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how to run; not a dependency of any stage (results do not depend on it
     beyond floating-point noise), so changing it re-runs nothing."""
@@ -186,6 +202,7 @@ class Params:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     dump: DumpConfig = field(default_factory=DumpConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 

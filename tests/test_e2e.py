@@ -41,7 +41,10 @@ def tiny_repo(tmp_path, tiny_model_dir):
     params["model"]["dtype"] = "float32"
     params["corpus"].update(path="data/corpus/tiny.jsonl", context_len=16)
     params["dump"].update(n_tokens=512, batch_size=4, shard_tokens=128, chunk_tokens=64)
-    params["train"].update(d_transcoder=16, n_steps=6, batch_size=64, checkpoint_every=2, buffer_shards=2)
+    params["train"].update(
+        d_transcoder=16, n_steps=6, batch_size=64, checkpoint_every=2, buffer_shards=2, val_fraction=0.2
+    )
+    params["evaluate"].update(n_sequences=4, batch_size=2)
     params["runtime"]["device"] = "cpu"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
