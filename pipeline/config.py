@@ -103,15 +103,15 @@ class TrainConfig:
     activation: Literal["jumprelu", "topk", "batchtopk"] = "jumprelu"
     """JumpReLU (trained thresholds, the paper's), or TopK / BatchTopK (converted to
     JumpReLU thresholds with the same per-layer L0 at export)."""
-    d_transcoder: int = 512
+    d_transcoder: int = 256
     """Features per layer."""
     k: int = 32
     """Active features per layer and token for topk / batchtopk."""
-    n_steps: int = 600
+    n_steps: int = 300
     """Optimiser steps."""
-    batch_size: int = 1024
+    batch_size: int = 256
     """Tokens per step."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Adam learning rate (linear warm-up over `warmup_steps`, linear decay over the last 20%)."""
     warmup_steps: int = 20
     sparsity_coef: float = 1.0
@@ -130,9 +130,9 @@ class TrainConfig:
     deviation of the pre-activations at initialisation."""
     val_fraction: float = 0.05
     """Fraction of documents held out for validation (and for `evaluate`)."""
-    buffer_shards: int = 4
+    buffer_shards: int = 2
     """Shards shuffled together; more mixes better and costs memory (~0.5 GB per shard)."""
-    sparse_decoder: bool = True
+    sparse_decoder: bool = False
     """Decode only the features active in the batch (same result, less compute)."""
     autocast: bool = True
     """bfloat16 autocast for the matmuls (parameters stay float32)."""
@@ -164,7 +164,7 @@ class TrainConfig:
 class EvaluateConfig:
     """The `evaluate` stage: the transcoder spliced into the model, on held-out text."""
 
-    n_sequences: int = 32
+    n_sequences: int = 16
     """Held-out sequences to evaluate on: the first ones in the activation store whose every
     token (BOS aside) comes from a validation document (`train.val_fraction`)."""
     batch_size: int = 8
