@@ -43,11 +43,17 @@ def model(params_path: str) -> None:
 def dump(params_path: str) -> None:
     """Stage 1: store every layer's MLP input and output on the corpus (Zarr, resumable)."""
     from pipeline.dump import run
-    from pipeline.model import configure_torch
 
-    params = load_params(params_path)
-    configure_torch(params.runtime.num_threads)
-    run(params)
+    _run_stage(run, params_path)
+
+
+@main.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+def train(params_path: str) -> None:
+    """Stage 2: train the transcoder on the stored activations and export it (resumable)."""
+    from pipeline.train import run
+
+    _run_stage(run, params_path)
 
 
 @main.command()
@@ -55,6 +61,11 @@ def dump(params_path: str) -> None:
 def evaluate(params_path: str) -> None:
     """Stage 3: splice the transcoder into the model; CE, KL and top-1 on held-out text."""
     from pipeline.evaluate import run
+
+    _run_stage(run, params_path)
+
+
+def _run_stage(run, params_path: str) -> None:
     from pipeline.model import configure_torch
 
     params = load_params(params_path)
