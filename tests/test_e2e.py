@@ -71,7 +71,7 @@ def test_dvc_repro_on_tiny_config(tiny_repo):
     out = run(["dvc", "repro"], repo, env)
     assert "Running stage 'dump'" in out and "Running stage 'model'" not in out
     # Changing a train parameter re-runs train only.
-    params["train"]["lr"] = 0.002
+    params["train"]["lr"] = params["train"]["lr"] * 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro"], repo, env)
     assert "Running stage 'train'" in out
