@@ -78,14 +78,27 @@ class ActivationLoader:
         return [sorted(order[i : i + self.buffer_shards]) for i in range(0, len(order), self.buffer_shards)]
 
     def _load_group(self, epoch: int, g: int, shards: list[int]) -> dict[str, np.ndarray]:
-        parts = {n: [] for n in ACTIVATIONS}
+        """The kept rows of `shards`, concatenated in order and shuffled: row k of the result
+        is row perm[k] of the concatenation. Each shard is scattered straight to its shuffled
+        places, so memory peaks at the group plus one shard rather than several groups."""
+        schema = self.store.schema
+        n_rows = int(self.rows_per_shard[shards].sum())
+        perm = np.random.default_rng([self.seed, epoch, g]).permutation(n_rows)
+        destination = np.empty_like(perm)
+        destination[perm] = np.arange(n_rows)  # where each concatenated row goes
+        out = {n: None for n in ACTIVATIONS}
+        offset = 0
         for s in shards:
-            start, stop = self.store.schema.shard_rows(s)
+            start, stop = schema.shard_rows(s)
             keep = np.flatnonzero(self.mask[start:stop])
+            places = destination[offset : offset + len(keep)]
             for n in ACTIVATIONS:
-                parts[n].append(self.store.read_rows(n, start, stop, keep))
-        perm = np.random.default_rng([self.seed, epoch, g]).permutation(sum(len(p) for p in parts["mlp_out"]))
-        return {n: np.concatenate(parts[n])[perm] for n in ACTIVATIONS}
+                values = self.store.read_rows(n, start, stop)
+                if out[n] is None:
+                    out[n] = np.empty((n_rows, *values.shape[1:]), values.dtype)
+                out[n][places] = values[keep]
+            offset += len(keep)
+        return out
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """The batches of `epoch` from `start_batch` on, read ahead in a background thread."""
