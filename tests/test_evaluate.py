@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 import pipeline.evaluate as evaluate
 from pipeline.cli import main as cli
-from pipeline.clt import CLTShape, CrossLayerTranscoder, export_transcoder
+from pipeline.clt import export_transcoder
 from pipeline.config import parse_params
 from pipeline.dump import run as run_dump
 from pipeline.evaluate import (
@@ -23,7 +23,7 @@ from pipeline.evaluate import (
 from pipeline.model import get_architecture, get_layers, load_pretrained
 from pipeline.store import ActivationStore
 from pipeline.train import run as run_train
-from tests.tiny import ARCHS, TEXT
+from tests.tiny import ARCHS, TEXT, make_transcoder
 
 KEYS = {
     "n_sequences",
@@ -36,16 +36,6 @@ KEYS = {
     "top1_agreement",
     "per_layer",
 }
-
-
-def make_transcoder(kind="clt", n_layers=3, d_model=32, d_tc=24) -> CrossLayerTranscoder:
-    """A random raw-space JumpReLU transcoder whose features fire on some tokens."""
-    tc = CrossLayerTranscoder(CLTShape(n_layers, d_model, d_tc, kind=kind))
-    with torch.no_grad():
-        tc.b_enc.normal_(0, 0.1)
-        tc.b_dec.normal_(0, 0.1)
-        tc.log_threshold.uniform_(-3, -1)
-    return tc
 
 
 def random_sequences(n=4, T=12, vocab=300, bos=0):

@@ -78,3 +78,15 @@ def make_model(arch: str, path: str | Path, *, n_layers: int = 3, d_model: int =
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)
+
+
+def make_transcoder(kind="clt", n_layers=3, d_model=32, d_tc=24):
+    """A random raw-space JumpReLU transcoder whose features fire on some tokens."""
+    from pipeline.clt import CLTShape, CrossLayerTranscoder
+
+    tc = CrossLayerTranscoder(CLTShape(n_layers, d_model, d_tc, kind=kind))
+    with torch.no_grad():
+        tc.b_enc.normal_(0, 0.1)
+        tc.b_dec.normal_(0, 0.1)
+        tc.log_threshold.uniform_(-3, -1)
+    return tc
