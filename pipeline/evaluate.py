@@ -254,13 +254,13 @@ def evaluate_transcoder(
     }
 
 
-def load_for_splicing(params: Params) -> tuple:
-    """`(model, tokenizer, transcoder)` on `runtime.device`, checked to fit each other."""
+def load_for_splicing(params: Params, *, dtype: torch.dtype | None = None) -> tuple:
+    """`(model, tokenizer, transcoder)` on `runtime.device`, checked to fit each other; the
+    model in `dtype` (default: `model.dtype`)."""
     device = resolve_device(params.runtime.device)
     transcoder = load_transcoder(params.paths.transcoder)
-    model, tokenizer = load_model(
-        params.paths.model_dir, dtype=resolve_dtype(params.model.dtype), device=device
-    )
+    dtype = dtype or resolve_dtype(params.model.dtype)
+    model, tokenizer = load_model(params.paths.model_dir, dtype=dtype, device=device)
     check_compatible(transcoder, model, params.paths.transcoder)
     return model, tokenizer, transcoder.to(device)
 

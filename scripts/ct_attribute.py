@@ -5,7 +5,8 @@
 
 OUT.pt gets the unpruned graph (`adjacency`, `active_features`, `selected_features`,
 `activation_values`, `input_tokens`, `logit_ids`, `logit_probs`), the attribution's wall
-time `seconds` (model loading excluded) and the process's peak RSS `peak_rss_mb`.
+time `seconds` (model loading excluded) and the process's peak RSS `peak_rss_mb`. With
+--graph-dir, circuit-tracer's `create_graph_files` also writes the pruned graph JSON there.
 Paths must be absolute (offline loading in circuit-tracer needs that).
 """
 
@@ -27,6 +28,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--max-n-logits", type=int, default=10)
     parser.add_argument("--desired-logit-prob", type=float, default=0.95)
+    parser.add_argument("--graph-dir", help="also write the pruned graph JSON here (create_graph_files)")
+    parser.add_argument("--slug", default="graph")
+    parser.add_argument("--scan", default="scan")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from circuit_tracer import ReplacementModel, attribute
@@ -62,6 +66,10 @@ def main() -> None:
         },
         args.out,
     )
+    if args.graph_dir:
+        from circuit_tracer.utils.create_graph_files import create_graph_files
+
+        create_graph_files(graph, args.slug, args.graph_dir, scan=args.scan)
 
 
 if __name__ == "__main__":

@@ -95,8 +95,11 @@ class ReplacementState:
 
 
 def tokenize_prompt(tokenizer, prompt: str) -> torch.Tensor:
-    """(n_pos,) token ids: BOS, then the prompt's tokens (as circuit-tracer does)."""
+    """(n_pos,) token ids: BOS, then the prompt's tokens. As in circuit-tracer, nothing is
+    prepended when the prompt already starts with a special token (e.g. written-out BOS)."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if ids and ids[0] in tokenizer.all_special_ids:
+        return torch.tensor(ids, dtype=torch.long)
     return torch.tensor([bos_token_id(tokenizer), *ids], dtype=torch.long)
 
 

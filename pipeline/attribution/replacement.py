@@ -97,9 +97,16 @@ def _frozen_norm(module: nn.Module, x: torch.Tensor, kind: str, scale: torch.Ten
 
 @contextlib.contextmanager
 def _frozen_attention(model: nn.Module, state: FrozenState, replay: bool) -> Iterator[None]:
-    """Run the model's attention functions with query and key detached (or replayed)."""
-    impl = model.config._attn_implementation or "eager"
-    saved = ALL_ATTENTION_FUNCTIONS._global_mapping.get(impl)
+    """Run the model's own eager attention function with query and key detached (or replayed).
+
+    Eager attention computes the pattern explicitly and applies it with a matmul, which
+    `is_grads_batched` backward passes batch; fused SDPA kernels have no batching rule
+    (measured: a per-target loop, ~10x slower), so the model runs in eager mode here.
+    """
+    previous = model.config._attn_implementation
+    if previous != "eager":
+        model.set_attn_implementation("eager")
+    saved = ALL_ATTENTION_FUNCTIONS._global_mapping.get("eager")
 
     def frozen(module, query, key, value, *args, **kwargs):
         if replay:
@@ -107,17 +114,19 @@ def _frozen_attention(model: nn.Module, state: FrozenState, replay: bool) -> Ite
         else:
             query, key = query.detach(), key.detach()
             state.qk[module] = (query, key)
-        original = saved or sys.modules[type(module).__module__].eager_attention_forward
-        return original(module, query, key, value, *args, **kwargs)
+        eager = saved or sys.modules[type(module).__module__].eager_attention_forward
+        return eager(module, query, key, value, *args, **kwargs)
 
-    ALL_ATTENTION_FUNCTIONS._global_mapping[impl] = frozen
+    ALL_ATTENTION_FUNCTIONS._global_mapping["eager"] = frozen
     try:
         yield
     finally:
         if saved is None:
-            del ALL_ATTENTION_FUNCTIONS._global_mapping[impl]
+            del ALL_ATTENTION_FUNCTIONS._global_mapping["eager"]
         else:
-            ALL_ATTENTION_FUNCTIONS._global_mapping[impl] = saved
+            ALL_ATTENTION_FUNCTIONS._global_mapping["eager"] = saved
+        if previous != "eager":
+            model.set_attn_implementation(previous)
 
 
 def linearize(

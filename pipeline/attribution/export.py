@@ -1,0 +1,190 @@
+"""Writing pruned graphs as circuit-tracer graph JSON (FORMATS.md §2) and as PNG pictures.
+
+The JSON matches circuit-tracer's `create_graph_files`: the same node ids and fields (in
+the field order of its pydantic `Node`), links `{source, target, weight}` for kept edges
+between kept nodes, only nodes that have a link (tokens and logits always), and
+`graph-metadata.json` listing every graph of the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pipeline.attribution.attribute import Graph
+from pipeline.attribution.prune import Pruned
+
+
+def cantor(x: int, y: int) -> int:
+    """Cantor pairing: the frontend's feature id of feature y of layer x."""
+    return (x + y) * (x + y + 1) // 2 + y
+
+
+def _node(node_id, feature, layer, ctx_idx, feature_type, js_node_id, **extra) -> dict:
+    node = {
+        "node_id": node_id,
+        "feature": feature,
+        "layer": layer,
+        "ctx_idx": ctx_idx,
+        "feature_type": feature_type,
+        "token_prob": 0.0,
+        "is_target_logit": False,
+        "run_idx": 0,
+        "reverse_ctx_idx": 0,
+        "jsNodeId": js_node_id,
+        "clerp": "",
+        "influence": None,
+        "activation": None,
+    }
+    node.update(extra)
+    return node
+
+
+def graph_nodes(graph: Graph, pruned: Pruned, tokens: list[str]) -> dict[int, dict]:
+    """Node index -> JSON node, for the nodes kept by pruning."""
+    n_features, n_pos, n_layers = len(graph.selected), graph.n_pos, graph.n_layers
+    error_end = n_features + n_layers * n_pos
+    token_end = error_end + n_pos
+    influence = pruned.cumulative_influence.tolist()
+    nodes = {}
+    for i in pruned.node_mask.nonzero().squeeze(1).tolist():
+        if i < n_features:
+            s = int(graph.selected[i])
+            l, p, f = graph.active_features[s].tolist()
+            nodes[i] = _node(
+                f"{l}_{f}_{p}",
+                cantor(l, f),
+                str(l),
+                p,
+                "cross layer transcoder",
+                f"{l}_{f}-0",
+                influence=influence[i],
+                activation=float(graph.activations[s]),
+            )
+        elif i < error_end:
+            l, p = divmod(i - n_features, n_pos)
+            nodes[i] = _node(
+                f"0_{l}_{p}", -1, str(l), p, "mlp reconstruction error", f"{l}_{p}-0", influence=influence[i]
+            )
+        elif i < token_end:
+            p = i - error_end
+            t = int(graph.input_ids[p])
+            nodes[i] = _node(f"E_{t}_{p}", p, "E", p, "embedding", f"E_{t}-{p}", influence=influence[i])
+        else:
+            k = i - token_end
+            t, prob = int(graph.logit_ids[k]), float(graph.logit_probs[k])
+            layer = str(n_layers + 1)
+            nodes[i] = _node(
+                f"{layer}_{t}_{n_pos - 1}",
+                t,
+                layer,
+                n_pos - 1,
+                "logit",
+                f"L_{t}-{n_pos - 1}",
+                token_prob=prob,
+                is_target_logit=k == 0,
+                clerp=f'Output "{tokens[k]}" (p={prob:.3f})',
+            )
+    return nodes
+
+
+def graph_json(
+    graph: Graph,
+    pruned: Pruned,
+    tokenizer,
+    *,
+    slug: str,
+    scan: str,
+    node_threshold: float,
+) -> dict:
+    """The circuit-tracer graph JSON of a pruned graph."""
+    logit_tokens = [tokenizer.decode([int(t)]) for t in graph.logit_ids]
+    nodes = graph_nodes(graph, pruned, logit_tokens)
+    targets, sources = pruned.edge_mask.nonzero(as_tuple=True)
+    weights = graph.adjacency[targets, sources].tolist()
+    links = [
+        {"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": w}
+        for t, s, w in zip(targets.tolist(), sources.tolist(), weights)
+        if s in nodes and t in nodes
+    ]
+    connected = {link["source"] for link in links} | {link["target"] for link in links}
+    used = [
+        n for n in nodes.values() if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")
+    ]
+    metadata = {
+        "slug": slug,
+        "scan": scan,
+        "transcoder_list": [],
+        "prompt_tokens": [tokenizer.decode([int(t)]) for t in graph.input_ids],
+        "prompt": tokenizer.decode(graph.input_ids.tolist()),
+        "node_threshold": node_threshold,
+        "schema_version": 1,
+    }
+    qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    return {"metadata": metadata, "qParams": qparams, "nodes": used, "links": links}
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_graph_metadata(folder: Path, slugs: list[str]) -> None:
+    """`graph-metadata.json`: the metadata of the graphs `{slug}.json` in `folder`."""
+    graphs = [json.loads((folder / f"{slug}.json").read_text())["metadata"] for slug in sorted(slugs)]
+    write_json_atomic(folder / "graph-metadata.json", {"graphs": graphs})
+
+
+def draw_graph(data: dict, path: Path, *, max_links: int = 400) -> None:
+    """A PNG of a pruned graph JSON: layers up, token positions across, edges coloured by
+    sign (blue +, red -) with width by |weight|, node labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nodes = {n["node_id"]: n for n in data["nodes"]}
+    tokens = data["metadata"]["prompt_tokens"]
+    n_layers = max(int(n["layer"]) for n in nodes.values() if n["layer"] != "E") - 1
+    rows: dict[tuple, list[str]] = {}
+    for n in nodes.values():
+        y = -1 if n["layer"] == "E" else int(n["layer"])
+        rows.setdefault((y, n["ctx_idx"]), []).append(n["node_id"])
+    xy = {}
+    for (y, x), ids in rows.items():
+        for k, node_id in enumerate(sorted(ids)):
+            xy[node_id] = (x + (k - (len(ids) - 1) / 2) * min(0.8 / max(len(ids), 1), 0.15), y)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tokens)), 0.35 * (n_layers + 4) + 2))
+    links = sorted(data["links"], key=lambda e: -abs(e["weight"]))[:max_links]
+    top = max((abs(e["weight"]) for e in links), default=1.0) or 1.0
+    for e in links:
+        (x0, y0), (x1, y1) = xy[e["source"]], xy[e["target"]]
+        w = abs(e["weight"]) / top
+        ax.plot(
+            [x0, x1],
+            [y0, y1],
+            color="tab:blue" if e["weight"] > 0 else "tab:red",
+            lw=0.3 + 3 * w,
+            alpha=0.2 + 0.6 * w,
+        )
+    colours = {"embedding": "tab:green", "logit": "tab:orange", "mlp reconstruction error": "tab:gray"}
+    for node_id, (x, y) in xy.items():
+        n = nodes[node_id]
+        ax.scatter([x], [y], s=30, color=colours.get(n["feature_type"], "tab:purple"), zorder=3)
+        if n["feature_type"] == "logit":
+            ax.annotate(
+                n["clerp"].removeprefix("Output "), (x, y), fontsize=7, rotation=30, ha="left", va="bottom"
+            )
+        elif n["feature_type"] == "cross layer transcoder":
+            ax.annotate(n["node_id"].rsplit("_", 1)[0], (x, y), fontsize=5, ha="center", va="bottom")
+    ax.set_xticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens], rotation=30, fontsize=8)
+    ax.set_yticks([-1, *range(0, n_layers + 2, 2)], ["emb", *map(str, range(0, n_layers + 2, 2))], fontsize=7)
+    ax.set_ylabel("layer (logits on top)")
+    ax.set_title(
+        f"{data['metadata']['slug']}: {len(data['nodes'])} nodes, {len(data['links'])} links", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
