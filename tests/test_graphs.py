@@ -1,9 +1,13 @@
 """The `graphs` stage: prompt files, graph JSON, incremental runs, and agreement with circuit-tracer."""
 
+import gzip
 import json
 import os
 import shutil
+import socket
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -184,3 +188,48 @@ def test_agrees_with_circuit_tracer(tmp_path, tiny_model_dir):
         assert {k: v for k, v in a.items() if k not in ("influence", "activation")} == {
             k: v for k, v in b.items() if k not in ("influence", "activation")
         }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_ct
+def test_circuit_tracer_server_serves_our_graphs(tiny_params):
+    """circuit-tracer's own `start-server` serves our graph folder over HTTP."""
+    make, _, out = tiny_params
+    run(make(), progress=False)
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            str(CT_PYTHON.parent / "circuit-tracer"),
+            "start-server",
+            "--graph_file_dir",
+            str(out),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(base + "/data/graph-metadata.json", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        with urllib.request.urlopen(base + "/data/graph-metadata.json") as response:
+            listed = json.loads(response.read())
+        assert [g["slug"] for g in listed["graphs"]] == ["count", "france"]
+        with urllib.request.urlopen(base + "/graph_data/france.json") as response:
+            served = response.read()
+        if response.headers.get("Content-Encoding") == "gzip":
+            served = gzip.decompress(served)
+        assert json.loads(served) == json.loads((out / "france.json").read_text())
+    finally:
+        server.terminate()
+        server.wait()
