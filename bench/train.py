@@ -1,19 +1,24 @@
 """Training throughput from the Zarr store vs. from memory, and sparse vs. dense decoding.
 
-    python -m bench.train [--steps 10] [--d-transcoder-big 4096]
+    python -m bench.train [--steps 40] [--rounds 2] [--d-transcoder-big 4096] [--skip-loader]
 
 1. The same optimisation steps (config from params.yaml `train:`), once fed by the
-   `ActivationLoader` (shards read, shuffled and prefetched in a background thread) and
-   once from batches already in memory; rounds alternate; prints tokens/s and the ratio.
-2. The decoder's forward + backward at L0 = 64 per layer, dense vs. sparse (features
-   active somewhere in the batch only), at `train.d_transcoder` and at a larger
-   dictionary, where sparsity can pay.
+   `ActivationLoader` stream (shards read, shuffled and gathered into batches in a
+   background thread) and once from the same batches already in memory; rounds
+   alternate which goes first. The first step of each is a warm-up, outside the timing;
+   for the loader it includes reading the first group of shards, which a training run
+   pays once (printed separately).
+2. The decoder's forward + backward as in a training step (float32 parameters,
+   gradients set to None in between, `train.autocast`), dense vs. token-level sparse,
+   at L0 = 16 and 64 per layer, at `train.d_transcoder` and at a larger dictionary. The
+   sparse path's activation gradient also covers the STE window: inactive pairs at the
+   rate measured on the default transcoder (2.9 per token of 256 features, 1.1%).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import itertools
 import statistics
 import time
@@ -21,51 +26,31 @@ import time
 import torch
 
 from pipeline.clt import CLTShape, CrossLayerTranscoder
-from pipeline.config import load_params
+from pipeline.config import TrainConfig, load_params
 from pipeline.loader import ActivationLoader
 from pipeline.store import ActivationStore
 from pipeline.train import build_transcoder, fit_scales, init_encoder, loss_terms, normalise, sample_rows
 
+WINDOW_RATE = 2.9 / 256  # inactive pairs in the STE window, per feature (default transcoder)
 
-def steps_per_second(model, batches, cfg, bandwidth: float) -> float:
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+def train_seconds(model, optimizer, batches, cfg: TrainConfig, bandwidth: float) -> tuple[float, float]:
+    """(seconds of the first step, seconds per step of the others)."""
+    times = []
     start = time.perf_counter()
-    n = 0
     for batch in batches:
         x, y = normalise(model, batch.x, batch.y)
         terms = loss_terms(model, x, y, lam=cfg.sparsity_coef, cfg=cfg, bandwidth=bandwidth)
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         optimizer.step()
-        n += 1
-    return n / (time.perf_counter() - start)
+        now = time.perf_counter()
+        times.append(now - start)
+        start = now
+    return times[0], sum(times[1:]) / (len(times) - 1)
 
 
-def decode_seconds(
-    d_transcoder: int, n_layers: int, d_model: int, n_tokens: int, l0: int, sparse: bool
-) -> float:
-    model = CrossLayerTranscoder(CLTShape(n_layers, d_model, d_transcoder))
-    mask = torch.rand(n_layers, n_tokens, d_transcoder).argsort(-1) < l0  # exactly l0 per token
-    acts = (torch.rand(n_layers, n_tokens, d_transcoder) * mask).bfloat16().requires_grad_()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        model.decode(acts, sparse=sparse).float().pow(2).sum().backward()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--d-transcoder-big", type=int, default=4096)
-    args = parser.parse_args()
-
-    params = load_params(args.params)
+def compare_loader(params, steps: int, rounds: int) -> None:
     cfg = params.train
     store = ActivationStore(params.paths.activations)
     loader = ActivationLoader(
@@ -73,37 +58,91 @@ def main() -> None:
         batch_size=cfg.batch_size,
         val_fraction=cfg.val_fraction,
         buffer_shards=cfg.buffer_shards,
-        seed=0,
+        seed=cfg.seed,
     )
     model = build_transcoder(store, cfg)
     sample = sample_rows(store, "train", cfg.val_fraction, 2048)
     fit_scales(model, sample)
     bandwidth = init_encoder(model, normalise(model, sample["resid_mid"], sample["mlp_out"])[0], cfg)
-    in_memory = [dataclasses.replace(b) for b in itertools.islice(loader.epoch(1), args.steps)]
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     print(
-        f"store {store.n_tokens} tokens; transcoder {cfg.kind} d_transcoder={cfg.d_transcoder}, "
-        f"batch {cfg.batch_size}"
+        f"store {store.n_tokens} tokens; {cfg.kind} d_transcoder={cfg.d_transcoder}, batch {cfg.batch_size}, "
+        f"buffer_shards {cfg.buffer_shards}, {steps} timed steps per measurement, "
+        f"{torch.get_num_threads()} threads"
     )
     ratios = []
-    for r in range(args.rounds):
-        mem = steps_per_second(model, in_memory, cfg, bandwidth)
-        # a fresh epoch each round, so the loader reads and shuffles shards for real
-        zarr_ = steps_per_second(model, itertools.islice(loader.epoch(2 + r), args.steps), cfg, bandwidth)
-        ratios.append(zarr_ / mem)
+    for r in range(rounds):
+        start = (r + 1) * loader.batches_per_epoch  # a fresh epoch each round: real reads
+        with contextlib.closing(loader.batches(start)) as it:
+            in_memory = [b for b in itertools.islice(it, steps + 1)]
+        timings = {}
+        for mode in ("memory", "zarr") if r % 2 == 0 else ("zarr", "memory"):
+            if mode == "memory":
+                timings[mode] = train_seconds(model, optimizer, in_memory, cfg, bandwidth)
+            else:
+                with contextlib.closing(loader.batches(start)) as it:
+                    timings[mode] = train_seconds(
+                        model, optimizer, itertools.islice(it, steps + 1), cfg, bandwidth
+                    )
+        (_, mem), (first, zarr_) = timings["memory"], timings["zarr"]
+        ratios.append(mem / zarr_)
         print(
-            f"round {r}: from memory {mem * cfg.batch_size:.0f} tok/s, "
-            f"from Zarr {zarr_ * cfg.batch_size:.0f} tok/s, ratio {zarr_ / mem:.3f}"
+            f"round {r}: from memory {cfg.batch_size / mem:.0f} tok/s, "
+            f"from Zarr {cfg.batch_size / zarr_:.0f} tok/s, ratio {mem / zarr_:.3f} "
+            f"(Zarr first step, with the first group read: {first:.1f} s)"
         )
-    print(f"training from Zarr / from memory (median of {args.rounds}): {statistics.median(ratios):.3f}")
+    print(f"training from Zarr / from memory (median of {rounds}): {statistics.median(ratios):.3f}")
 
-    s = store.schema
-    for d_tc in (cfg.d_transcoder, args.d_transcoder_big):
-        dense = decode_seconds(d_tc, s.n_layers, s.d_model, cfg.batch_size, 64, sparse=False)
-        sparse = decode_seconds(d_tc, s.n_layers, s.d_model, cfg.batch_size, 64, sparse=True)
-        print(
-            f"decoder fwd+bwd, d_transcoder={d_tc}, L0=64, {cfg.batch_size} tokens: dense {dense:.2f} s, "
-            f"sparse {sparse:.2f} s, dense/sparse {dense / sparse:.2f}x"
-        )
+
+def decode_seconds(d_transcoder: int, n_layers: int, d_model: int, n_tokens: int, l0: int, autocast: bool):
+    """Median seconds of the decoder's forward + backward: {"dense": s, "sparse": s}."""
+    model = CrossLayerTranscoder(CLTShape(n_layers, d_model, d_transcoder))
+    rank = torch.rand(n_layers, n_tokens, d_transcoder).argsort(-1)
+    active = rank < l0  # exactly l0 per layer and token
+    window = (rank >= l0) & (rank < l0 + max(1, round(WINDOW_RATE * d_transcoder)))
+    acts = torch.rand(n_layers, n_tokens, d_transcoder) * active
+    out = {}
+    for sparse in (False, True, False, True):  # interleaved; the first of each is a warm-up
+        a = acts.clone().requires_grad_()
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            recon = model.decode(a, sparse=sparse, grad_mask=active | window if sparse else None)
+        recon.float().pow(2).sum().backward()
+        out.setdefault("sparse" if sparse else "dense", []).append(time.perf_counter() - start)
+    return {k: v[-1] for k, v in out.items()}
+
+
+def compare_decoders(params, d_transcoder_big: int) -> None:
+    cfg = params.train
+    schema = ActivationStore(params.paths.activations).schema
+    for d_tc in (cfg.d_transcoder, d_transcoder_big):
+        for l0 in (l0 for l0 in (16, 64) if l0 < d_tc):
+            t = decode_seconds(d_tc, schema.n_layers, schema.d_model, cfg.batch_size, l0, cfg.autocast)
+            print(
+                f"decoder fwd+bwd, d_transcoder={d_tc}, L0={l0}, {cfg.batch_size} tokens: "
+                f"dense {t['dense']:.3f} s, sparse {t['sparse']:.3f} s, "
+                f"dense/sparse {t['dense'] / t['sparse']:.2f}x",
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--d-transcoder-big", type=int, default=4096)
+    parser.add_argument("--skip-loader", action="store_true", help="only the decoder comparison")
+    parser.add_argument("--skip-decoder", action="store_true", help="only the loader comparison")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    if not args.skip_loader:
+        compare_loader(params, args.steps, args.rounds)
+    if not args.skip_decoder:
+        compare_decoders(params, args.d_transcoder_big)
 
 
 if __name__ == "__main__":

@@ -65,12 +65,21 @@ def evaluate(params_path: str) -> None:
     _run_stage(run, params_path)
 
 
-def _run_stage(run, params_path: str) -> None:
-    from pipeline.model import configure_torch
+@main.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+def graphs(params_path: str) -> None:
+    """Stage 6: an attribution graph (circuit-tracer JSON + PNG) for every prompt file in
+    `paths.prompts`; only new or changed prompts are computed. Browse them with
+    `circuit-tracer start-server --graph_file_dir data/graphs` (see README)."""
+    from pipeline.graphs import run
 
-    params = load_params(params_path)
-    configure_torch(params.runtime.num_threads)
-    run(params)
+    _run_stage(run, params_path)
+
+
+def _run_stage(run, params_path: str) -> None:
+    from pipeline.stage import run_stage
+
+    run_stage(run, params_path)
 
 
 @main.command()

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -66,7 +67,7 @@ class _JumpReLU(torch.autograd.Function):
         h, threshold, mask = ctx.saved_tensors
         eps = ctx.bandwidth
         grad_h = grad * mask
-        window = ((h - threshold).abs() < eps / 2).to(grad.dtype)
+        window = ste_window(h, threshold, eps).to(grad.dtype)
         grad_threshold = -(threshold / eps) * window * grad
         grad_threshold = grad_threshold.sum_to_size(threshold.shape)
         return grad_h, grad_threshold, None
@@ -74,6 +75,13 @@ class _JumpReLU(torch.autograd.Function):
 
 def jumprelu(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
     return _JumpReLU.apply(h, threshold, bandwidth)
+
+
+def ste_window(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """Where the threshold's straight-through estimator is nonzero: |h - threshold| < bandwidth / 2.
+
+    There the threshold's gradient needs dL/da even for inactive features (a = 0)."""
+    return (h - threshold).abs() < bandwidth / 2
 
 
 def _topk_mask(h: torch.Tensor, k: int) -> torch.Tensor:
@@ -91,48 +99,151 @@ def _batch_topk_mask(h: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class _Decode(torch.autograd.Function):
-    """All decoders at once: out (n_layers * d_model, n_tokens) from acts (n_layers, n_tokens, d_tc).
+    """All decoders at once, dense: out (n_layers * d_model, n_tokens) from acts (n_layers, n_tokens, d_tc).
 
     The output is laid out so that the rows written by layer l's decoder (every layer from
     l on, `n_out * d_model` rows) are one contiguous block: each layer is a single in-place
-    `addmm_`, and the backward pass reads contiguous blocks of the gradient. With `sparse`,
-    each layer's matmuls take only the features active somewhere in the batch, so their
-    cost scales with the number of active features rather than with d_transcoder.
+    `addmm_`, and the backward pass reads contiguous blocks of the gradient.
     """
 
     @staticmethod
-    def forward(ctx, acts, d_model: int, sparse: bool, *W_dec):
+    def forward(ctx, acts, d_model: int, *W_dec):
         n_layers, n_tokens, _ = acts.shape
         out = acts.new_zeros(n_layers * d_model, n_tokens)
-        active = []
         for l, W in enumerate(W_dec):  # W: (d_tc, n_out * d_model)
-            a = acts[l]
-            idx = (a != 0).any(0).nonzero().squeeze(1) if sparse else None
-            active.append(idx)
-            if idx is not None:
-                a, W = a.index_select(1, idx), W.index_select(0, idx)
-            out[l * d_model : l * d_model + W.shape[1]].addmm_(W.t(), a.t())
+            out[l * d_model : l * d_model + W.shape[1]].addmm_(W.t(), acts[l].t())
         ctx.save_for_backward(acts, *W_dec)
-        ctx.active, ctx.d_model = active, d_model
+        ctx.d_model = d_model
         return out
 
     @staticmethod
     def backward(ctx, grad):
         acts, *W_dec = ctx.saved_tensors
         d = ctx.d_model
-        grad_acts = torch.zeros_like(acts)
+        grad_acts = torch.empty_like(acts)
         grad_W = []
-        for l, (W, idx) in enumerate(zip(W_dec, ctx.active)):
+        for l, W in enumerate(W_dec):
             g = grad[l * d : l * d + W.shape[1]].to(W.dtype)  # (n_out * d_model, n_tokens)
-            a = acts[l]
-            if idx is None:
-                grad_acts[l] = (W @ g).t()
-                grad_W.append(a.t() @ g.t())
-            else:
-                grad_acts[l].index_copy_(1, idx, (W.index_select(0, idx) @ g).t())
-                gW = torch.zeros_like(W)
-                gW.index_copy_(0, idx, a.index_select(1, idx).t() @ g.t())
-                grad_W.append(gW)
+            grad_acts[l] = (W @ g).t()
+            grad_W.append(acts[l].t() @ g.t())
+        return grad_acts, None, *grad_W
+
+
+def _group_starts(key: torch.Tensor, n_groups: int, n: int) -> torch.Tensor:
+    """For a sorted `key` = group * n + item: where each item's run begins, counted from its
+    group's start: (n_groups, n)."""
+    counts = torch.bincount(key, minlength=n_groups * n).view(n_groups, n)
+    return counts.cumsum(1) - counts
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """The (layer, token, feature) triples where a mask (n_layers, n_tokens, d_tc) is true,
+    sorted by layer then token, found for all layers at once (few large ops rather than
+    many small ones); `offsets[l]` (n_tokens,) is where each token's pairs begin within
+    layer l's: the bags of `embedding_bag`."""
+
+    layer: torch.Tensor  # (nnz,)
+    token: torch.Tensor  # (nnz,)
+    feature: torch.Tensor  # (nnz,)
+    sizes: list[int]  # pairs per layer
+    offsets: torch.Tensor  # (n_layers, n_tokens)
+
+    @classmethod
+    def where(cls, mask: torch.Tensor) -> _Pairs:
+        n_layers, n_tokens, _ = mask.shape
+        layer, token, feature = mask.nonzero(as_tuple=True)  # row-major: sorted by (layer, token)
+        sizes = torch.bincount(layer, minlength=n_layers).tolist()
+        return cls(layer, token, feature, sizes, _group_starts(layer * n_tokens + token, n_layers, n_tokens))
+
+    def per_layer(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A (nnz,) tensor split into its layers' parts."""
+        return t.split(self.sizes)
+
+
+class _SparseDecode(torch.autograd.Function):
+    """All decoders at once, token-level sparse: out (n_tokens, n_layers * d_model) from
+    acts (n_layers, n_tokens, d_tc).
+
+    Per layer, only the nonzero (token, feature) pairs are touched, so the cost scales
+    with their number (n_tokens * L0), not with n_tokens * d_transcoder:
+    - forward: each token's output sums its active features' decoder rows, weighted by
+      their activations (`embedding_bag` with `per_sample_weights`, one bag per token);
+    - grad W_dec: each feature's row sums the output gradients of the tokens it is active
+      on, weighted by its activations (`embedding_bag` with one bag per feature);
+    - grad acts: the dot product of the feature's decoder row with the token's output
+      gradient (`embedding_bag`'s own per-sample-weight gradient), at the pairs of
+      `grad_mask` (n_layers, n_tokens, d_tc), by default the active ones, and 0 elsewhere.
+      Every activation here passes back zero gradient to h where a = 0, but the JumpReLU
+      threshold's straight-through estimator also needs dL/da at inactive features just
+      below the threshold (`ste_window`), so `CrossLayerTranscoder.forward` adds those.
+    It computes in W_dec's dtype (the float32 parameters, autocast off inside): casting
+    all of W_dec to bfloat16 would read and write every row, not only the active ones.
+    """
+
+    @staticmethod
+    def forward(ctx, acts, grad_mask, d_model: int, *W_dec):
+        n_layers, n_tokens, _ = acts.shape
+        out = acts.new_zeros(n_tokens, n_layers * d_model, dtype=W_dec[0].dtype)
+        active = _Pairs.where(acts != 0)
+        value = acts[active.layer, active.token, active.feature].to(out.dtype)
+        with torch.autocast(acts.device.type, enabled=False):
+            for l, (W, feature, v) in enumerate(
+                zip(W_dec, active.per_layer(active.feature), active.per_layer(value))
+            ):
+                y = F.embedding_bag(feature, W, active.offsets[l], mode="sum", per_sample_weights=v)
+                out[:, l * d_model : l * d_model + W.shape[1]] += y  # W: (d_tc, n_out * d_model)
+        ctx.save_for_backward(*W_dec)
+        ctx.active, ctx.value = active, value
+        ctx.grad_pairs = active if grad_mask is None else _Pairs.where(grad_mask)
+        ctx.d_model, ctx.acts_shape, ctx.acts_dtype = d_model, acts.shape, acts.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        W_dec = ctx.saved_tensors
+        d = ctx.d_model
+        n_layers, _, d_tc = ctx.acts_shape
+        want_acts = ctx.needs_input_grad[0]
+        want_W = [ctx.needs_input_grad[3 + l] for l in range(n_layers)]
+        q, p = ctx.grad_pairs, ctx.active
+        q_features = q.per_layer(q.feature)
+        q_tokens = q.per_layer(q.token)
+        # the active pairs grouped by (layer, feature), for W_dec's gradient
+        by_feature = torch.argsort(p.layer * d_tc + p.feature, stable=True)
+        feature_offsets = _group_starts((p.layer * d_tc + p.feature)[by_feature], n_layers, d_tc)
+        tokens_by_feature = p.per_layer(p.token[by_feature])
+        values_by_feature = p.per_layer(ctx.value[by_feature])
+        grad_values, grad_W = [], []
+        with torch.autocast(grad.device.type, enabled=False):
+            for l, W in enumerate(W_dec):
+                g = grad[:, l * d : l * d + W.shape[1]].to(W.dtype).contiguous()  # (n_tokens, n_out * d)
+                if want_acts:
+                    grad_values.append(
+                        torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                            g,
+                            W,
+                            q_features[l],
+                            q.offsets[l],
+                            q_tokens[l],
+                            0,  # mode 0: sum
+                        )
+                    )
+                grad_W.append(
+                    F.embedding_bag(
+                        tokens_by_feature[l],
+                        g,
+                        feature_offsets[l],
+                        mode="sum",
+                        per_sample_weights=values_by_feature[l],
+                    )
+                    if want_W[l]
+                    else None
+                )
+        grad_acts = None
+        if want_acts:
+            grad_acts = grad.new_zeros(ctx.acts_shape, dtype=ctx.acts_dtype)
+            grad_acts[q.layer, q.token, q.feature] = torch.cat(grad_values).to(ctx.acts_dtype)
         return grad_acts, None, None, *grad_W
 
 
@@ -183,20 +294,36 @@ class CrossLayerTranscoder(nn.Module):
         mask = _topk_mask(h, self.shape.k) if kind == "topk" else _batch_topk_mask(h, self.shape.k)
         return torch.relu(h) * mask
 
-    def decode(self, acts: torch.Tensor, *, sparse: bool = False) -> torch.Tensor:
-        """Every layer's MLP output: acts (n_layers, n_tokens, d_tc) -> (n_tokens, n_layers, d_model)."""
+    def decode(
+        self, acts: torch.Tensor, *, sparse: bool = False, grad_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Every layer's MLP output: acts (n_layers, n_tokens, d_tc) -> (n_tokens, n_layers, d_model).
+
+        `sparse` touches only the nonzero (token, feature) pairs (`_SparseDecode`); it pays
+        when L0 is a small fraction of d_transcoder (`python -m bench.train`). Its gradient
+        with respect to `acts` is computed only where `grad_mask` (default: `acts != 0`) is
+        true, and is 0 elsewhere.
+        """
         L, n_tokens, _ = acts.shape
         d = self.shape.d_model
-        W_dec = [W.to(acts.dtype).flatten(1) for W in self.W_dec]  # (d_tc, n_out * d_model) each
-        out = _Decode.apply(acts, d, sparse, *W_dec)  # (n_layers * d_model, n_tokens)
-        return out.view(L, d, n_tokens).permute(2, 0, 1) + self.b_dec.to(acts.dtype)
+        if sparse:
+            W_dec = [W.flatten(1) for W in self.W_dec]  # (d_tc, n_out * d_model) each, no copy
+            out = _SparseDecode.apply(acts, grad_mask, d, *W_dec).view(n_tokens, L, d).to(acts.dtype)
+        else:
+            W_dec = [W.to(acts.dtype).flatten(1) for W in self.W_dec]
+            out = _Decode.apply(acts, d, *W_dec).view(L, d, n_tokens).permute(2, 0, 1)
+        return out + self.b_dec.to(acts.dtype)
 
     def forward(self, x: torch.Tensor, *, bandwidth: float = 0.0, sparse: bool = False):
         """x (n_tokens, n_layers, d_model) -> pre-activations and activations (n_layers, n_tokens,
         d_tc), reconstruction (n_tokens, n_layers, d_model)."""
         h = self.pre_acts(x)
         acts = self.activate(h, bandwidth)
-        return h, acts, self.decode(acts, sparse=sparse)
+        grad_mask = None
+        if sparse and self.shape.activation == "jumprelu" and bandwidth > 0 and torch.is_grad_enabled():
+            # the threshold's STE needs dL/da at inactive features near their threshold too
+            grad_mask = (acts != 0) | ste_window(h.float(), self.threshold[:, None], bandwidth)
+        return h, acts, self.decode(acts, sparse=sparse, grad_mask=grad_mask)
 
     def config_dict(self) -> dict:
         return asdict(self.shape)

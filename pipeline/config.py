@@ -8,6 +8,8 @@ loaded: an unknown key (a typo), a wrong type or an out-of-range value raises a
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +37,14 @@ class PathsConfig:
     """The trained transcoder in circuit-tracer's folder format, written by `train`."""
     metrics: str = "metrics"
     """Folder of DVC metrics (`train.json`, `evaluate.json`) and plots (`train_curve.csv`)."""
+    examples: str = "data/examples"
+    """Parquet tables of every feature's examples and statistics, written by `examples`."""
+    features: str = "data/features"
+    """Packed features in circuit-tracer's binary format (FORMATS.md §3), written by `pack`."""
+    prompts: str = "data/prompts"
+    """Folder of `*.txt` prompts, one per file; the file name (without .txt) is the graph's slug."""
+    graphs: str = "data/graphs"
+    """Attribution graphs (`{slug}.json`, `{slug}.png`, `graph-metadata.json`), written by `graphs`."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,7 @@ class TrainConfig:
     lr: float = 2e-3
     """Adam learning rate (linear warm-up over `warmup_steps`, linear decay over the last 20%)."""
     warmup_steps: int = 20
+    """Steps of the learning rate's linear warm-up (see `lr`)."""
     sparsity_coef: float = 1.0
     """lambda of the sparsity penalty lambda * tanh(c * ||W_dec_f|| * a_f), ramped linearly
     from 0 over the whole run (jumprelu only)."""
@@ -139,6 +150,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     """Steps between checkpoints (a killed run resumes from the last one)."""
     seed: int = 0
+    """Seed of the initialisation and of the data order (the same seed retrains bit for bit)."""
 
     def __post_init__(self):
         positive = ("d_transcoder", "k", "n_steps", "batch_size", "buffer_shards", "checkpoint_every")
@@ -177,6 +189,95 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ExamplesConfig:
+    """The `examples` stage: every feature's activating contexts and activation statistics,
+    computed from the stored MLP inputs with the exported transcoder."""
+
+    n_tokens: int = 0
+    """Stored tokens to scan from the start, rounded down to whole sequences; 0 scans all."""
+    top_k: int = 20
+    """Top-activating contexts per feature; a context is a stored sequence, shown around the
+    token where the feature is largest, so at most one example per sequence."""
+    context_before: int = 16
+    """Tokens shown before the max-activating token (fewer at a sequence's start; BOS never)."""
+    context_after: int = 8
+    """Tokens shown after the max-activating token (fewer at a sequence's end)."""
+    n_intervals: int = 5
+    """Activation intervals between the feature's smallest and largest activation from which
+    contexts are sampled uniformly (their edges fall on a power-of-two grid, see
+    `pipeline/examples.py`)."""
+    examples_per_interval: int = 5
+    """Contexts sampled from each interval."""
+    n_random: int = 5
+    """Contexts sampled uniformly from all contexts where the feature fires."""
+    histogram_bins: int = 32
+    """Bins of the activation histogram over [act_min, act_max]."""
+    logit_k: int = 10
+    """Top and bottom output tokens of each feature's logit lens."""
+    autocast: bool = True
+    """bfloat16 encoder matmul (~4x faster on AMX CPUs; activations agree to ~3 digits)."""
+    seed: int = 0
+    """Seed of the random sampling (intervals and random examples)."""
+
+    def __post_init__(self):
+        positive = ("top_k", "n_intervals", "examples_per_interval", "histogram_bins", "logit_k")
+        for key in positive:
+            if getattr(self, key) < 1:
+                _fail(f"examples.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in ("n_tokens", "context_before", "context_after", "n_random"):
+            if getattr(self, key) < 0:
+                _fail(f"examples.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if self.n_intervals > 64:
+            _fail("examples.n_intervals", f"must be <= 64, got {self.n_intervals}")
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """The `pack` stage: the examples in circuit-tracer's packed feature format (FORMATS.md §3)."""
+
+    compresslevel: int = 6
+    """gzip level of each feature record (1 fastest to 9 smallest)."""
+
+    def __post_init__(self):
+        if not 1 <= self.compresslevel <= 9:
+            _fail("pack.compresslevel", f"must be in 1..9, got {self.compresslevel}")
+
+
+@dataclass(frozen=True)
+class GraphsConfig:
+    """The `graphs` stage: one attribution graph per prompt file (see `pipeline/graphs.py`)."""
+
+    max_n_logits: int = 10
+    """Most logit targets per graph."""
+    desired_logit_prob: float = 0.95
+    """Logit targets are added, most likely first, until their probabilities add up to this."""
+    max_feature_nodes: int = 1024
+    """Features that get their own incoming edges, visited in order of influence on the logits."""
+    batch_size: int = 256
+    """Targets per batched backward pass (memory grows with batch_size * n_pos * n_layers * d_model)."""
+    update_interval: int = 4
+    """Batches between re-estimates of feature influence."""
+    node_threshold: float = 0.8
+    """Pruning keeps the nodes that make up this fraction of the influence on the logits."""
+    edge_threshold: float = 0.98
+    """Pruning keeps the edges that make up this fraction of the remaining influence."""
+    max_n_pos: int = 128
+    """Longest prompt in tokens, BOS included (cost grows with it); also capped by the model's context."""
+    png: bool = True
+    """Also draw each pruned graph as `{slug}.png`."""
+
+    def __post_init__(self):
+        for key in ("max_n_logits", "max_feature_nodes", "batch_size", "update_interval"):
+            if getattr(self, key) < 1:
+                _fail(f"graphs.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.max_n_pos < 2:
+            _fail("graphs.max_n_pos", f"must be >= 2 (BOS plus one token), got {self.max_n_pos}")
+        for key in ("desired_logit_prob", "node_threshold", "edge_threshold"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                _fail(f"graphs.{key}", f"must be in (0, 1], got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how to run; not a dependency of any stage (results do not depend on it
     beyond floating-point noise), so changing it re-runs nothing."""
@@ -203,7 +304,14 @@ class Params:
     dump: DumpConfig = field(default_factory=DumpConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    examples: ExamplesConfig = field(default_factory=ExamplesConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    graphs: GraphsConfig = field(default_factory=GraphsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+"""Numbers YAML 1.2 reads as floats that PyYAML (YAML 1.1) leaves as strings, e.g. `1e-3`."""
 
 
 def _check_type(where: str, value: Any, tp: Any) -> Any:
@@ -241,12 +349,18 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
             _fail(where, f"must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value):
+            value = float(value)  # `1e-3`: a float in YAML 1.2 (DVC), a string to PyYAML
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(where, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            _fail(where, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             _fail(where, f"must be a string, got {value!r}")
+        if not value.strip():
+            _fail(where, f"must be a non-empty string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {tp!r} at {where}")
 

@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import itertools
 import json
 import logging
 import math
@@ -174,10 +176,8 @@ def train_steps(
         step, history, bandwidth = state["step"], state["history"], state["bandwidth"]
         logger.info("resuming training at step %d/%d", step, cfg.n_steps)
     bar = tqdm(total=cfg.n_steps, initial=step, desc="train", unit="step", disable=not progress)
-    per_epoch = loader.batches_per_epoch
-    while step < cfg.n_steps:
-        epoch, first = divmod(step, per_epoch)
-        for batch in loader.epoch(epoch, first):
+    with contextlib.closing(loader.batches(step)) as batches:  # stops the read-ahead thread
+        for batch in itertools.islice(batches, cfg.n_steps - step):
             x, y = normalise(model, batch.x.to(device), batch.y.to(device))
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
@@ -210,8 +210,6 @@ def train_steps(
                     history=history,
                     bandwidth=bandwidth,
                 )
-            if step == cfg.n_steps:
-                break
     bar.close()
     return history
 

@@ -3,17 +3,12 @@
 Resumable: killed mid-way, the next run continues after the last complete shard.
 """
 
-from pipeline import setup_logging
-from pipeline.config import load_params
 from pipeline.dump import run
-from pipeline.model import configure_torch
+from pipeline.stage import run_stage
 
 
 def main() -> None:
-    setup_logging()
-    params = load_params()
-    configure_torch(params.runtime.num_threads)
-    run(params)
+    run_stage(run)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,17 @@
 Every later stage, and circuit-tracer, load this folder, so they all see the same bytes.
 """
 
-from pipeline import setup_logging
-from pipeline.config import load_params
+from pipeline.config import Params
 from pipeline.model import materialize
+from pipeline.stage import run_stage
+
+
+def run(params: Params) -> None:
+    materialize(params.model.name, params.paths.model_dir)
 
 
 def main() -> None:
-    setup_logging()
-    params = load_params()
-    materialize(params.model.name, params.paths.model_dir)
+    run_stage(run)
 
 
 if __name__ == "__main__":

@@ -25,3 +25,15 @@ def tiny_model_dir(tmp_path_factory):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def built_tiny_repo(tmp_path_factory, tiny_model_dir):
+    """The tiny repository (tests/dvc_repo.py) after `dvc repro`, committed, built once per
+    session; tests change copies of it (`tests.dvc_repo.copy_repo`)."""
+    from tests.dvc_repo import git_commit, make_tiny_repo, run
+
+    repo, env = make_tiny_repo(tmp_path_factory.mktemp("built") / "repo", tiny_model_dir("llama"))
+    run(["dvc", "repro"], repo, env)
+    git_commit(repo, env, "dvc repro")
+    return repo

@@ -7,6 +7,7 @@ from pipeline.clt import (
     export_transcoder,
     jumprelu,
     load_transcoder,
+    ste_window,
 )
 
 
@@ -39,6 +40,8 @@ def test_decode_matches_naive_with_gradients(kind, sparse):
     model = make(kind)
     acts = torch.relu(torch.randn(4, 5, 32)) * (torch.rand(4, 5, 32) < 0.2)  # (n_layers, n_tokens, d_tc)
     acts[:, :, :6] = 0  # some features inactive in the whole batch
+    acts[:, 2] = 0  # a token with no active feature in any layer
+    acts[1] = 0  # a layer with no active pair
     g = torch.randn(5, 4, 16)
     a1 = acts.clone().requires_grad_()
     (model.decode(a1, sparse=sparse) * g).sum().backward()
@@ -55,6 +58,63 @@ def test_decode_matches_naive_with_gradients(kind, sparse):
     # the JumpReLU needs gradients only where a feature is active (its mask is 0 elsewhere)
     active = acts != 0 if sparse else torch.ones_like(acts, dtype=torch.bool)
     torch.testing.assert_close(a1.grad[active], a2.grad[active], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["clt", "plt"])
+@pytest.mark.parametrize("activation", ["jumprelu", "topk"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_sparse_decoder_gives_dense_outputs_and_gradients_through_the_loss(kind, activation, autocast):
+    """The token-level sparse decoder returns 0 as the gradient of inactive acts: check that
+    the whole model's outputs and every parameter's gradient still equal the dense path's."""
+    model = make(kind, activation)
+    x = torch.randn(9, 4, 16)  # (n_tokens, n_layers, d_model)
+    y = torch.randn(9, 4, 16)
+    results = []
+    for sparse in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            h, acts, recon = model(x, bandwidth=0.05, sparse=sparse)
+        penalty = (torch.tanh(acts.float() * model.decoder_norms()[:, None])).sum()
+        loss = (recon.float() - y).pow(2).sum() + 0.1 * penalty
+        loss.backward()
+        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+        results.append((recon.float(), grads))
+    (dense, dense_grads), (sparse_, sparse_grads) = results
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(sparse_, dense, **tol)
+    if activation == "jumprelu":  # the STE window was exercised, at inactive features too
+        assert dense_grads["log_threshold"].abs().sum() > 0
+        with torch.no_grad():
+            h = model.pre_acts(x)
+            assert (ste_window(h, model.threshold[:, None], 0.05) & (h <= model.threshold[:, None])).any()
+    assert sparse_grads.keys() == dense_grads.keys()
+    for name, grad in dense_grads.items():
+        scale = grad.abs().max().clamp_min(1)
+        torch.testing.assert_close(sparse_grads[name] / scale, grad / scale, **tol, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["clt", "plt"])
+def test_sparse_decoder_under_bf16_autocast(kind):
+    """bf16 activations under autocast: the sparse path (float32 inside) agrees with the
+    float32 reference to bf16 precision, returns bf16, and passes back bf16 gradients."""
+    model = make(kind)
+    acts = (torch.relu(torch.randn(4, 6, 32)) * (torch.rand(4, 6, 32) < 0.3)).bfloat16().requires_grad_()
+    g = torch.randn(6, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.decode(acts, sparse=True)
+    assert out.dtype == torch.bfloat16
+    (out.float() * g).sum().backward()
+    assert acts.grad.dtype == torch.bfloat16
+    ref_acts = acts.detach().float().requires_grad_()
+    model_grads = [W.grad.clone() for W in model.W_dec]
+    model.zero_grad()
+    ref = naive_decode(model, ref_acts)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    active = acts != 0
+    torch.testing.assert_close(acts.grad.float()[active], ref_acts.grad[active], rtol=2e-2, atol=2e-2)
+    for mine, W in zip(model_grads, model.W_dec):
+        torch.testing.assert_close(mine, W.grad, rtol=2e-2, atol=2e-2)
 
 
 def test_jumprelu_forward_and_straight_through_gradients():

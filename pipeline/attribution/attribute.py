@@ -317,6 +317,9 @@ def attribute(
             order = torch.argsort(influence[:n_active], descending=True)
             queue = min(update_interval * batch_size, n_features - (filled - n_logits))
             pending = order[~visited[order]][:queue]
+            # Same rows in any order; batches of similar layers stop their backward pass and
+            # their feature columns early (a target at layer l only needs layers < l).
+            pending = pending[torch.argsort(feats[pending, 0].cpu(), stable=True)]
         for start in range(0, len(pending), batch_size):
             idx = pending[start : start + batch_size]
             vectors = encoder_vectors[feats[idx, 0], :, feats[idx, 2]]
