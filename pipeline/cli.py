@@ -23,7 +23,8 @@ PARAMS_HELP = "params.yaml to read (default: ./params.yaml)."
 def main() -> None:
     """Circuit tracing with cross-layer transcoders.
 
-    Pipeline stages (run in order by `dvc repro`): model, dump, train, evaluate.
+    Pipeline stages (run in order by `dvc repro`): model, dump, train, evaluate, examples,
+    pack, graphs.
     """
     setup_logging()
 
@@ -61,6 +62,25 @@ def train(params_path: str) -> None:
 def evaluate(params_path: str) -> None:
     """Stage 3: splice the transcoder into the model; CE, KL and top-1 on held-out text."""
     from pipeline.evaluate import run
+
+    _run_stage(run, params_path)
+
+
+@main.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+def examples(params_path: str) -> None:
+    """Stage 4: every feature's top contexts, interval and random samples, histogram,
+    quantiles, frequency and logit lens, from the stored activations, to Parquet."""
+    from pipeline.examples import run
+
+    _run_stage(run, params_path)
+
+
+@main.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+def pack(params_path: str) -> None:
+    """Stage 5: the examples in circuit-tracer's packed feature format, for the graph frontend."""
+    from pipeline.featpack import run
 
     _run_stage(run, params_path)
 
@@ -119,6 +139,91 @@ def info(store_path: str | None, params_path: str) -> None:
         store_path = load_params(params_path).paths.activations
     store = ActivationStore(store_path)
     click.echo(json.dumps(store.group.attrs.asdict(), indent=2))
+
+
+def _load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@main.command()
+@click.argument("layer", type=int)
+@click.argument("index", type=int)
+@click.option("-n", "--n-examples", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--all-groups", is_flag=True, help="Also the interval and random samples, not only the top.")
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+def feature(layer: int, index: int, n_examples: int, all_groups: bool, params_path: str) -> None:
+    """Print feature INDEX of layer LAYER: statistics, logit lens and top examples, the
+    token where it fires most in each example highlighted (from `paths.examples`)."""
+    from pipeline.examples import read_feature
+    from pipeline.featpack import token_strings
+
+    params = load_params(params_path)
+    stats, rows = read_feature(params.paths.examples, layer, index)
+    tokenizer = _load_tokenizer(params.paths.model_dir)
+    ids = [t for r in rows for t in r["token_ids"]] + stats["top_logit_ids"] + stats["bottom_logit_ids"]
+    text = token_strings(tokenizer, ids)
+    click.secho(f"layer {layer} feature {index}", bold=True)
+    if stats["dead"]:
+        click.echo("dead: never fires on the scanned tokens")
+        return
+    click.echo(
+        f"fires on {stats['n_firing']:,} tokens ({100 * stats['frequency']:.3f}%), activation "
+        f"{stats['act_min']:.3g} to {stats['act_max']:.3g}, mean {stats['act_mean']:.3g}"
+    )
+    for name in ("top", "bottom"):
+        tokens = ", ".join(repr(text[t]) for t in stats[f"{name}_logit_ids"])
+        click.echo(f"{name} logits: {tokens}")
+    shown: dict[str, int] = {}
+    for row in rows:
+        group = row["group"]
+        if (group != "top" and not all_groups) or shown.get(group, 0) >= n_examples:
+            continue
+        if group not in shown:
+            click.secho(f"\n{group}", underline=True)
+        shown[group] = shown.get(group, 0) + 1
+        pieces = []
+        for i, (t, act) in enumerate(zip(row["token_ids"], row["token_acts"])):
+            piece = text[t].replace("\n", "\\n")
+            if i == row["max_index"]:
+                piece = click.style(piece, fg="black", bg="yellow", bold=True)
+            elif act > 0:
+                piece = click.style(piece, fg="yellow")
+            pieces.append(piece)
+        click.echo(f"{row['activation']:8.3f}  " + "".join(pieces))
+
+
+@main.command()
+@click.option("--layer", type=int, required=True)
+@click.option("--feature", "feature_index", type=int, required=True)
+@click.option("--text", required=True, help="Text to run the model on (BOS is prepended).")
+@click.option("-o", "--output", default="heatmap.png", show_default=True, help="PNG to write.")
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+def heatmap(layer: int, feature_index: int, text: str, output: str, params_path: str) -> None:
+    """A PNG of a feature's activation on every token of a text; colours go up to the
+    feature's largest activation in `paths.examples` when that exists."""
+    from pipeline.clt import load_transcoder
+    from pipeline.examples import activations_on_text, read_feature, render_heatmap
+    from pipeline.featpack import token_strings
+    from pipeline.model import configure_torch, load_model, resolve_device, resolve_dtype
+
+    params = load_params(params_path)
+    configure_torch(params.runtime.num_threads)
+    transcoder = load_transcoder(params.paths.transcoder)
+    device = resolve_device(params.runtime.device)
+    dtype = resolve_dtype(params.model.dtype)
+    model, tokenizer = load_model(params.paths.model_dir, dtype=dtype, device=device)
+    ids, acts = activations_on_text(model, tokenizer, transcoder, text, layer, feature_index)
+    strings = token_strings(tokenizer, ids)
+    try:
+        vmax = read_feature(params.paths.examples, layer, feature_index)[0]["act_max"]
+    except (FileNotFoundError, ValueError):
+        vmax = None
+    scale = f" (colour scale: up to its max, {vmax:.3g})" if vmax else ""
+    title = f"layer {layer} feature {feature_index}{scale}"
+    path = render_heatmap([strings[i] for i in ids], acts, output, title=title, vmax=vmax)
+    click.echo(f"wrote {path}: max activation {acts.max():.3f} on {strings[ids[int(acts.argmax())]]!r}")
 
 
 if __name__ == "__main__":

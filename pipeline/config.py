@@ -144,9 +144,11 @@ class TrainConfig:
     buffer_shards: int = 2
     """Shards shuffled together; more mixes better and costs memory (~0.5 GB per shard)."""
     sparse_decoder: bool = False
-    """Decode only the features active in the batch (same result, less compute)."""
+    """Token-level sparse decoder: touch only the active (token, feature) pairs (same result;
+    pays only when L0 is a small fraction of `d_transcoder`, see `python -m bench.train`)."""
     autocast: bool = True
-    """bfloat16 autocast for the matmuls (parameters stay float32)."""
+    """bfloat16 autocast for the encoder's matmul (parameters stay float32; the decoder
+    runs in float32, as do the activations it reads)."""
     checkpoint_every: int = 50
     """Steps between checkpoints (a killed run resumes from the last one)."""
     seed: int = 0
@@ -160,7 +162,7 @@ class TrainConfig:
         if self.activation != "jumprelu" and self.k > self.d_transcoder:
             _fail("train.k", f"must be <= `train.d_transcoder` ({self.d_transcoder}), got {self.k}")
         if not 0 < self.lr < 1:
-            _fail("train.lr", f"must be in (0, 1), got {self.lr}; Adam on transcoders wants ~1e-4 to 1e-3")
+            _fail("train.lr", f"must be in (0, 1), got {self.lr}; 1e-4 to 1e-2 is typical (default 2e-3)")
         for key in ("sparsity_coef", "pre_act_coef", "warmup_steps"):
             if getattr(self, key) < 0:
                 _fail(f"train.{key}", f"must be >= 0, got {getattr(self, key)}")

@@ -5,33 +5,38 @@ the exported, raw-space transcoder, in one streaming pass (`collect_examples`):
 
 1. `iter_batches`: whole stored sequences, a shard at a time, read ahead in a background
    thread so that disk reads overlap the compute.
-2. Per layer, pre-activations h = x W_enc + b_enc (a bfloat16 matmul with
-   `examples.autocast`); a feature fires where h > threshold (JumpReLU, a = h (h > threshold)).
-   BOS (position 0) is excluded everywhere, as in training and in circuit-tracer.
-3. `LayerState.update_tokens`: per feature, the firing count, the sum and the smallest firing
-   activation, and a histogram of firing activations on `FINE_BINS` bins over [0, 2^e), with
-   2^e the smallest power of two above every activation seen so far. A larger activation
-   raises e and sums adjacent bins: an exact merge, since the old grid's edges are edges of
-   the new one.
-4. `LayerState.update_contexts`: a context is a stored sequence; its candidate activation
+2. `pre_activations`: the features of all layers are encoded together, in `Chunk`s of up
+   to `CHUNK_FEATURES` (layer, feature) pairs, feature-major: h = (x W_enc + b_enc)^T of
+   shape (n_features, n_seq, context_len), so that one feature's sequence is contiguous
+   and every later step is one large operation rather than one small one per layer. The
+   matmul is bf16 with `examples.autocast` (then h and the thresholds are compared in
+   bf16). A feature fires where h > threshold (JumpReLU, a = h (h > threshold)). BOS
+   (position 0) is excluded everywhere, as in training and in circuit-tracer.
+3. `FeatureState.update_tokens`: per feature, the sum and the smallest firing activation,
+   and a histogram of firing activations (so their count) on `FINE_BINS` bins over
+   [0, 2^e), with 2^e the smallest power of two above every activation seen so far. A
+   larger activation raises e and sums adjacent bins (`_grow`): an exact merge, since the
+   old grid's edges are edges of the new one.
+4. `FeatureState.update_contexts`: a context is a stored sequence; its candidate activation
    is the sequence's largest, at its max token. Three `Sketch`es keep the candidates with the
    smallest keys per group: `top` (key -activation, per feature: the top_k), `bands` (a random
    key, per feature and activation band of the same power-of-two grid: a uniform sample of
    each band) and `random` (a random key, per feature: a uniform sample of all firing
    contexts). A candidate is first compared with its group's largest kept key, so after the
-   first batches almost all are rejected at once; an accepted one keeps the per-token
-   activations of its window immediately, so there is no second pass over the store.
-5. `LayerState.finalize`: the occupied bands are grouped into at most `n_intervals`
-   contiguous intervals of whole bands, so the merged sample of an interval is exactly a
-   uniform sample of its contexts; the histogram over [act_min, act_max] and the quantiles
-   are interpolated from the fine grid (error below one fine bin, 2^e / FINE_BINS <=
-   2 act_max / FINE_BINS).
+   first batches almost all are rejected at once; an admitted one takes the slot of the
+   entry it evicts and keeps the per-token activations of its window immediately, so there
+   is no second pass over the store.
+5. `FeatureState.finalize`: the bands that hold contexts are grouped into at most
+   `n_intervals` contiguous intervals of whole bands, so the merged sample of an interval
+   is exactly a uniform sample of its contexts; the histogram over [act_min, act_max] and
+   the percentiles are interpolated from the fine grid (error below one fine bin,
+   2^e / FINE_BINS <= 2 act_max / FINE_BINS).
 6. `logit_lens`: each feature's decoder directions through the final norm's gain and the
    unembedding (see its docstring for how a cross-layer decoder is reduced).
 
 Memory depends on the number of features, not of tokens: per feature `FINE_BINS` counts
-plus (top_k + 2^ceil(log2(2 n_intervals)) examples_per_interval + n_random) context slots of
-`context_before + 1 + context_after` activations.
+plus (top_k + n_bands(n_intervals) examples_per_interval + n_random) context slots of
+`context_before + 1 + context_after` activations, and one batch's pre-activations of a chunk.
 
 Outputs (`write_tables`): `examples.parquet` (one row per example) and `features.parquet`
 (one row per feature), sorted by (layer, feature), with explicit schemas (`EXAMPLES_SCHEMA`,
@@ -55,13 +60,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from pipeline.clt import CrossLayerTranscoder, load_transcoder
 from pipeline.config import ExamplesConfig, Params
-from pipeline.model import get_architecture, get_trunk, load_model
+from pipeline.model import bos_token_id, get_architecture, get_layers, get_trunk, load_model, resolve_device
 from pipeline.store import ActivationStore
 
 logger = logging.getLogger(__name__)
@@ -124,36 +130,38 @@ class Sketch:
     """Per feature and group (activation band, or a single group), the `capacity` candidates
     with the smallest keys seen so far, with their token row, activation and window of
     per-token activations: a bottom-k sketch, so with random keys a uniform sample without
-    replacement of everything offered. Slots (d_tc, n_groups * capacity): group g of a
+    replacement of everything offered. Slots (n_features, n_groups * capacity): group g of a
     feature owns slots [g capacity, (g + 1) capacity), in no particular order; a new
     candidate takes the slot of one it evicts (or an empty one, key inf), so admitting
     candidates writes only their own windows."""
 
-    def __init__(self, d_transcoder: int, n_groups: int, capacity: int, width: int, dtype, device):
+    def __init__(self, n_features: int, n_groups: int, capacity: int, width: int, dtype, device):
         self.n_groups, self.capacity = n_groups, capacity
-        slots = (d_transcoder, n_groups * capacity)
+        slots = (n_features, n_groups * capacity)
         self.keys = torch.full(slots, math.inf, device=device)
         self.rows = torch.full(slots, -1, dtype=torch.int64, device=device)
         self.values = torch.zeros(slots, device=device)
         self.windows = torch.zeros(*slots, width, dtype=dtype, device=device)
 
     def threshold(self, groups: torch.Tensor) -> torch.Tensor:
-        """The largest kept key of each feature's group `groups` (d_tc, n_candidates): a
+        """The largest kept key of each feature's group `groups` (n_features, n_candidates): a
         candidate with a smaller key gets in."""
         if self.capacity == 0:
             return torch.full(groups.shape, -math.inf, device=groups.device)
-        largest = self.keys.view(len(self.keys), self.n_groups, self.capacity).amax(-1)  # (d_tc, n_groups)
+        largest = self.keys.view(len(self.keys), self.n_groups, self.capacity).amax(
+            -1
+        )  # (n_features, n_groups)
         return largest.gather(1, groups)
 
     def admit(self, features, groups, keys) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Which candidates of `features` (d_tc',) get in, given their groups and keys (d_tc',
+        """Which candidates of `features` (n',) get in, given their groups and keys (n',
         n; key inf: no candidate; with several groups, keys must lie in [0, 1)): (i, j, slot)
         of each, candidate [i, j] of feature features[i] going to slot `slot`, the slot of an
         evicted or empty entry."""
         G, m = self.n_groups, self.capacity
         n, device = len(features), keys.device
         own = torch.arange(G, device=device).repeat_interleave(m).expand(n, -1)
-        K = torch.cat([self.keys[features], keys], 1)  # (d_tc', G m + n): kept ones, then new
+        K = torch.cat([self.keys[features], keys], 1)  # (n', G m + n): kept ones, then new
         group = torch.cat([own, groups], 1)
         # by group, then key (inf last): one sort, as keys are in [0, 1) if there are several groups
         composite = K if G == 1 else 2 * group + torch.where(torch.isfinite(K), K, 1.5).double()
@@ -242,8 +250,8 @@ class FeatureState:
         return self.hist.sum(1, dtype=torch.int64)
 
     def update(self, h: torch.Tensor, threshold: torch.Tensor, first_row: int, generator) -> None:
-        """Add one batch: h (n_features, n_seq, context_len) pre-activations of whole sequences whose
-        first token is store row `first_row` (h[:, :, 0], BOS, is overwritten), and the
+        """Add one batch: h (n_features, n_seq, context_len) pre-activations of whole sequences
+        whose first token is store row `first_row` (h[:, :, 0], BOS, is overwritten), and the
         thresholds in h's dtype. Feature-major, so that a sequence of one feature (a window,
         a maximum) is contiguous."""
         h[:, :, 0] = -math.inf  # BOS never fires and is never a context's max token
@@ -305,7 +313,7 @@ class FeatureState:
             f = ok.any(1).nonzero().squeeze(1)
             if len(f) == 0:
                 continue
-            ok, keys, groups = ok[f], keys[f], groups[f]  # (d_tc', n_seq)
+            ok, keys, groups = ok[f], keys[f], groups[f]  # (n', n_seq)
             n = int(ok.sum(1).max())
             pick = torch.where(ok, keys, math.inf).topk(n, dim=1, largest=False).indices  # sequences
             keys = torch.where(ok.gather(1, pick), keys.gather(1, pick), math.inf)
@@ -346,7 +354,7 @@ class FeatureState:
             "act_max": act_max,
             "act_mean": (self.total.cpu().numpy() / np.maximum(count, 1)).astype(np.float32),
             "quantile_values": _quantiles(hist, exponent, lo, hi, N_QUANTILES).numpy(),
-            "histogram": _rebin(hist, exponent, lo, hi, cfg.histogram_bins).round().long().numpy(),
+            "histogram": _rebin(hist, exponent, lo, hi, cfg.histogram_bins).numpy(),
         }
         examples = [self._sketch_rows(self.top, 0)]
         intervals, features["interval_edges"] = self._intervals(exponent, lo, hi, dead)
@@ -396,7 +404,7 @@ class FeatureState:
             n_groups[:, None].clamp(min=1), rounding_mode="floor"
         )
         filled_bands = torch.where(filled, torch.arange(B), B).sort(dim=1).values
-        first = filled_bands.gather(1, first_rank.clamp(max=B - 1))
+        first = filled_bands.gather(1, first_rank.clamp(0, B - 1))
         scale = torch.exp2((math.log2(B) - exponent).double())
         edges = torch.cat([lo.double()[:, None], first.double() / scale[:, None], hi.double()[:, None]], 1)
         ones = torch.ones(F, 1, dtype=torch.bool)
@@ -445,22 +453,25 @@ def _effective_bins(exponent, lo, hi, n_fine):
     return a, torch.maximum(a, b)
 
 
-def _rebin(hist, exponent, lo, hi, n_out: int, chunk: int = 256) -> torch.Tensor:
-    """Histogram (F, n_out) over [act_min, act_max] from the fine one (F, FINE_BINS) on [0, 2^e)."""
-    out = []
-    for c in range(0, len(hist), chunk):
-        sl = slice(c, c + chunk)
-        a, b = _effective_bins(exponent[sl], lo[sl], hi[sl], hist.shape[1])
-        x = lo[sl].double()[:, None] + (hi[sl] - lo[sl]).double()[:, None] * torch.linspace(0, 1, n_out + 1)
-        # fraction of each fine bin below each output edge: (F, n_fine, n_out + 1)
-        span = (b - a)[..., None]
-        frac = ((x[:, None] - a[..., None]) / torch.where(span > 0, span, 1)).clamp(0, 1)
-        frac = torch.where(span > 0, frac, (x[:, None] >= a[..., None]).double())
-        cdf = (hist[sl].double()[..., None] * frac).sum(1)
-        cdf[:, -1] = hist[sl].sum(1)  # everything is <= act_max
-        cdf[:, 0] = 0
-        out.append(cdf.diff(dim=1))
-    return torch.cat(out) if out else torch.zeros(0, n_out, dtype=torch.float64)
+def _rebin(hist, exponent, lo, hi, n_out: int) -> torch.Tensor:
+    """Counts (F, n_out) over [act_min, act_max] from the fine histogram (F, FINE_BINS) on
+    [0, 2^e), each fine bin's counts spread uniformly over its part inside [act_min, act_max]:
+    the cumulative count at each output edge x is the count of the fine bins below x plus
+    the fraction of x's own bin below it."""
+    n_fine = hist.shape[1]
+    width = (torch.exp2(exponent.double()) / n_fine)[:, None]
+    lo, hi = lo.double()[:, None], hi.double()[:, None]
+    x = lo + (hi - lo) * torch.linspace(0, 1, n_out + 1, dtype=torch.float64)  # (F, n_out + 1)
+    i = (x / width).floor().long().clamp(0, n_fine - 1)  # the fine bin holding each edge
+    counts = hist.double()
+    cum = counts.cumsum(1)
+    below = torch.where(i > 0, cum.gather(1, (i - 1).clamp(min=0)), 0)
+    a = torch.maximum(i * width, lo)
+    span = torch.maximum(a, torch.minimum((i + 1) * width, hi)) - a
+    frac = torch.where(span > 0, ((x - a) / torch.where(span > 0, span, 1)).clamp(0, 1), (x >= a).double())
+    cdf = below + counts.gather(1, i) * frac
+    cdf[:, 0], cdf[:, -1] = 0, cum[:, -1]  # nothing below act_min, everything up to act_max
+    return cdf.round().long().diff(dim=1)  # rounding the cumulative counts keeps the total
 
 
 def _quantiles(hist, exponent, lo, hi, n: int) -> torch.Tensor:
@@ -825,6 +836,104 @@ def write_tables(
     return out
 
 
+def read_feature(folder: str | Path, layer: int, feature: int) -> tuple[dict, list[dict]]:
+    """A feature's row of `features.parquet` and its rows of `examples.parquet` (in table
+    order: top, intervals from the highest, random), read through the row-group statistics
+    so only the row groups that hold the feature are read."""
+    folder = Path(folder)
+    for name in ("features", "examples"):
+        if not (folder / f"{name}.parquet").is_file():
+            raise FileNotFoundError(f"{folder}/{name}.parquet does not exist; run `dvc repro examples` first")
+    filters = [("layer", "==", layer), ("feature", "==", feature)]
+    stats = pq.read_table(folder / "features.parquet", filters=filters).to_pylist()
+    if not stats:
+        table = pq.read_table(folder / "features.parquet", columns=["layer", "feature"])
+        n_layers = pa.compute.max(table["layer"]).as_py() + 1
+        n_features = pa.compute.max(table["feature"]).as_py() + 1
+        raise ValueError(
+            f"{folder} has no layer {layer} feature {feature}: layers are 0..{n_layers - 1}, "
+            f"features 0..{n_features - 1}"
+        )
+    return stats[0], pq.read_table(folder / "examples.parquet", filters=filters).to_pylist()
+
+
+@torch.inference_mode()
+def feature_activations(model, transcoder: CrossLayerTranscoder, ids: list[int], layer: int, feature: int):
+    """A feature's activation (float32) at every position of the sequence `ids` (BOS first;
+    0 there, as everywhere in this pipeline). The model's MLP input at `layer` is captured by
+    a forward pre-hook, as the `dump` stage stores it."""
+    if not 0 <= layer < transcoder.shape.n_layers or not 0 <= feature < transcoder.shape.d_transcoder:
+        raise ValueError(
+            f"no layer {layer} feature {feature}: the transcoder has layers "
+            f"0..{transcoder.shape.n_layers - 1} and features 0..{transcoder.shape.d_transcoder - 1}"
+        )
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["x"] = (args[0] if args else kwargs["hidden_states"]).float()
+
+    block = get_layers(model)[layer].get_submodule(get_architecture(model).mlp_input)
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids=torch.tensor([ids], device=next(model.parameters()).device), use_cache=False)
+    finally:
+        handle.remove()
+    x = captured["x"][0].cpu()  # (n_tokens, d_model)
+    h = x @ transcoder.W_enc[layer, :, feature] + transcoder.b_enc[layer, feature]
+    acts = h * (h > transcoder.threshold[layer, feature])
+    acts[0] = 0
+    return acts.numpy()
+
+
+def activations_on_text(
+    model, tokenizer, transcoder: CrossLayerTranscoder, text: str, layer: int, feature: int
+):
+    """Token ids of `text` and the feature's activation at each (BOS prepended, then dropped)."""
+    ids = [bos_token_id(tokenizer), *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    return ids[1:], feature_activations(model, transcoder, ids, layer, feature)[1:]
+
+
+def render_heatmap(
+    tokens: list[str], acts: np.ndarray, path: str | Path, *, title: str, vmax: float | None = None
+):
+    """A PNG of `tokens` laid out in rows, each cell coloured by its activation (palest: 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_row = 12
+    n_rows = max(1, math.ceil(len(tokens) / per_row))
+    grid = np.full(n_rows * per_row, np.nan)
+    grid[: len(acts)] = acts
+    top = vmax if vmax is not None and vmax > 0 else max(float(np.max(acts, initial=0)), 1e-6)
+    fig, ax = plt.subplots(figsize=(per_row * 1.1, 0.55 * n_rows + 1.2))
+    cmap = plt.get_cmap("Oranges").with_extremes(bad="white")
+    image = ax.imshow(
+        np.ma.masked_invalid(grid.reshape(n_rows, per_row)), cmap=cmap, vmin=0, vmax=top, aspect="auto"
+    )
+    for i, (token, act) in enumerate(zip(tokens, acts)):
+        row, col = divmod(i, per_row)
+        label = token.replace("\n", "\\n").replace("\t", "\\t")
+        ax.text(col, row - 0.12, label, ha="center", va="center", fontsize=8)
+        ax.text(
+            col,
+            row + 0.25,
+            f"{act:.2f}" if act else "",
+            ha="center",
+            va="center",
+            fontsize=6,
+            color="dimgray",
+        )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="activation", fraction=0.03)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
 def run(params: Params, *, progress: bool = True) -> dict:
     """The `examples` stage: `examples.parquet` and `features.parquet` in `paths.examples`."""
     cfg = params.examples
@@ -839,9 +948,11 @@ def run(params: Params, *, progress: bool = True) -> dict:
             f"the model in {params.paths.model_dir} has d_model={unembed.shape[1]}, the transcoder in "
             f"{params.paths.transcoder} d_model={transcoder.shape.d_model}; they belong to different models"
         )
-    states, scan = collect_examples(store, transcoder, cfg, progress=progress)
+    device = resolve_device(params.runtime.device)
+    states, scan = collect_examples(store, transcoder, cfg, device=device, progress=progress)
     lens = logit_lens(transcoder, unembed, gain, cfg.logit_k)
     metadata = {
+        "model": store.schema.model,
         "n_tokens": scan.n_tokens,
         "n_scanned": scan.n_scanned,
         "context_len": scan.context_len,

@@ -12,6 +12,8 @@ target per line, each a JSON string holding exactly one token, e.g.
 
 (JSON strings make a leading space visible.) BOS is prepended, as circuit-tracer does.
 
+Graphs are computed in float32 whatever `model.dtype` is: bf16 edges would be off by ~0.4%.
+
 Output (`paths.graphs`): `{slug}.json` in circuit-tracer's graph format (FORMATS.md §2)
 with `metadata.scan` = the absolute path of the packed features (`paths.features`),
 `{slug}.png` (with `graphs.png`), and `graph-metadata.json`. The folder is a persistent
@@ -71,6 +73,10 @@ class Prompt:
 
 def parse_prompt(path: Path) -> Prompt:
     """One prompt file (see the module docstring), with errors that name the file."""
+    if path.stem in ("manifest", "graph-metadata"):
+        raise ValueError(
+            f"prompt file {path}: the slug {path.stem!r} is reserved for an index file; rename it"
+        )
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:

@@ -270,12 +270,32 @@ def write_metrics(folder: Path, metrics: dict, history: list[dict]) -> None:
         writer.writerows(history)
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Whether two `model.name` values name the same model (paths compared resolved)."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def check_store_model(store: ActivationStore, model_name: str) -> None:
+    """A clear error unless `store` was dumped from `model_name` (`model.name`)."""
+    if not _same_model(store.schema.model, model_name):
+        raise ValueError(
+            f"activation store {store.path} was dumped from model {store.schema.model!r} "
+            f"({store.schema.architecture}, {store.schema.n_layers} layers, d_model {store.schema.d_model}), "
+            f"but `model.name` is {model_name!r}; re-run `dvc repro dump` for this model, or set "
+            f"`model.name` back to {store.schema.model!r}"
+        )
+
+
 def run(params: Params, *, progress: bool = True) -> dict:
     """The `train` stage: fit the transcoder, validate it, export it for circuit-tracer."""
     cfg = params.train
     torch.manual_seed(cfg.seed)
     device = resolve_device(params.runtime.device)
     store = ActivationStore(params.paths.activations)
+    check_store_model(store, params.model.name)
     out = Path(params.paths.transcoder)
     work = out.with_name(out.name + ".partial")
     loader = ActivationLoader(

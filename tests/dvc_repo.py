@@ -41,6 +41,7 @@ def tiny_params(params: dict, model_dir: Path) -> dict:
         d_transcoder=16, n_steps=6, batch_size=64, checkpoint_every=2, buffer_shards=2, val_fraction=0.2
     )
     params["evaluate"].update(n_sequences=4, batch_size=2)
+    params["examples"].update(top_k=5, context_before=4, context_after=2, n_intervals=3)
     params["graphs"].update(max_feature_nodes=16, batch_size=16)
     params["runtime"]["device"] = "cpu"
     return params

@@ -47,6 +47,8 @@ def changed_value(section: str, key: str, value):
     else:
         return None
     for candidate in candidates:
+        if candidate == value:
+            continue
         try:
             parse_params({section: {key: candidate}})
         except ValueError:

@@ -25,6 +25,10 @@ def test_dvc_repro_on_tiny_config(tiny_repo):
     weights = repo / "data" / "model" / "model.safetensors"
     assert weights.stat().st_nlink == 2  # linked to the DVC cache, not copied twice
     assert (repo / "data" / "transcoder" / "W_dec_2.safetensors").is_file()
+    assert (repo / "data" / "examples" / "examples.parquet").is_file()
+    assert (repo / "data" / "examples" / "features.parquet").is_file()
+    packed = sorted(p.name for p in (repo / "data" / "features").iterdir())
+    assert packed == ["index.json.gz", "layer_0.bin", "layer_1.bin", "layer_2.bin"]
     assert "up to date" in run(["dvc", "status"], repo, env).lower()
     # Changing a dump parameter re-runs dump only.
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -39,8 +39,20 @@ def tiny(tmp_path_factory, tiny_model_dir):
         },
         "model": {"name": str(model_dir), "dtype": "float32"},
         "corpus": {"path": str(corpus), "context_len": CONTEXT},
-        "dump": {"n_tokens": 2048, "batch_size": 8, "shard_tokens": 256, "chunk_tokens": 64, "dtype": "float32"},
-        "examples": {"top_k": 5, "context_before": 4, "context_after": 2, "autocast": False, "histogram_bins": 8},
+        "dump": {
+            "n_tokens": 2048,
+            "batch_size": 8,
+            "shard_tokens": 256,
+            "chunk_tokens": 64,
+            "dtype": "float32",
+        },
+        "examples": {
+            "top_k": 5,
+            "context_before": 4,
+            "context_after": 2,
+            "autocast": False,
+            "histogram_bins": 8,
+        },
         "runtime": {"device": "cpu"},
     }
     params = parse_params(raw)
@@ -103,8 +115,8 @@ def test_statistics_match_naive(tiny, fp32):
     np.testing.assert_allclose(features["frequency"], count / n_scanned)
     masked = torch.where(fires, acts, torch.inf).amin(1).reshape(-1).numpy()
     alive = count > 0
-    np.testing.assert_allclose(features["act_min"][alive], masked[alive], rtol=1e-6)
-    np.testing.assert_allclose(features["act_max"], acts.amax(1).reshape(-1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(features["act_min"][alive], masked[alive], rtol=1e-5)
+    np.testing.assert_allclose(features["act_max"], acts.amax(1).reshape(-1).numpy(), rtol=1e-5)
     mean = (acts.sum(1).reshape(-1) / np.maximum(count, 1)).numpy()
     np.testing.assert_allclose(features["act_mean"], mean, rtol=1e-5)
     assert (features["act_min"][~alive] == 0).all() and (features["histogram"][~alive] == 0).all()
@@ -127,7 +139,7 @@ def test_histogram_and_quantiles_are_within_one_fine_bin(tiny, fp32):
             near = np.sum(np.abs(v - x) <= width)
             assert abs(c - exact) <= near + 1, (i, x, c, exact, near)
         q = features["quantile_values"][i]
-        reference = np.quantile(v, np.arange(1, 101) / 100, method="inverted_cdf")
+        reference = v[-(-np.arange(1, 101) * len(v) // 100) - 1]  # the ceil(p n)-th smallest
         np.testing.assert_allclose(q, reference, atol=width * 1.001)
         assert q[-1] == pytest.approx(hi)
 
@@ -143,7 +155,7 @@ def test_top_examples_match_naive(tiny, fp32):
             top = rows_of(examples, l, f, 0)
             firing = seq_max[l, :, f][seq_max[l, :, f] > 0]
             expected = np.sort(firing.numpy())[::-1][: cfg.top_k]
-            np.testing.assert_allclose(top["activation"], expected, rtol=1e-6)
+            np.testing.assert_allclose(top["activation"], expected, rtol=1e-5)
             assert list(top["rank"]) == list(range(len(expected)))
             for row, value, window in zip(top["row"], top["activation"], top["window"]):
                 s, position = divmod(int(row), CONTEXT)
@@ -153,7 +165,7 @@ def test_top_examples_match_naive(tiny, fp32):
                 offsets = np.arange(-cfg.context_before, cfg.context_after + 1)
                 inside = (position + offsets >= 1) & (position + offsets < CONTEXT)
                 reference = acts[l, row + offsets[inside], f].numpy()
-                np.testing.assert_allclose(window[inside], reference, rtol=1e-6, atol=1e-7)
+                np.testing.assert_allclose(window[inside], reference, rtol=1e-5, atol=1e-7)
                 assert (window[~inside] == 0).all()
 
 
@@ -180,7 +192,7 @@ def test_intervals_sample_exactly_their_contexts(tiny, per_interval):
             assert len(set(sequences)) == len(sequences)
             assert set(sequences) <= set(inside)
             assert len(sequences) == min(per_interval, len(inside))
-            np.testing.assert_allclose(got["activation"], contexts[sequences], rtol=1e-6)
+            np.testing.assert_allclose(got["activation"], contexts[sequences], rtol=1e-5)
             seen += len(inside)
         assert seen == (contexts > 0).sum()
 
@@ -204,9 +216,10 @@ def test_bfloat16_autocast_agrees_with_float32(tiny, fp32):
     # firing decisions differ only for activations within bf16 rounding of the threshold
     diff = np.abs(features["n_firing"] - ref_features["n_firing"])
     assert diff.sum() <= 0.01 * ref_features["n_firing"].sum()
-    top, ref = examples["group"] == 0, ref_examples["group"] == 0
-    same = np.mean(np.isin(examples["row"][top], ref_examples["row"][ref]))
-    assert same > 0.9
+    for i in np.flatnonzero(~ref_features["dead"]):
+        l, f = divmod(int(i), 24)
+        ours, ref = rows_of(examples, l, f, 0), rows_of(ref_examples, l, f, 0)
+        np.testing.assert_allclose(ours["activation"], ref["activation"], rtol=2e-2, atol=1e-2)
 
 
 def test_sketch_keeps_the_smallest_keys_per_group():
@@ -224,7 +237,9 @@ def test_sketch_keeps_the_smallest_keys_per_group():
         features = torch.arange(F)
         i, j, slots = sketch.admit(features, groups, keys)
         payload = keys[i, j]
-        sketch.write(features[i], slots, payload, torch.zeros_like(slots), payload, payload[:, None].repeat(1, 2))
+        sketch.write(
+            features[i], slots, payload, torch.zeros_like(slots), payload, payload[:, None].repeat(1, 2)
+        )
         for f in range(F):
             for c in range(n):
                 if math.isfinite(keys[f, c]):
@@ -239,7 +254,9 @@ def test_sketch_keeps_the_smallest_keys_per_group():
         for b in range(G):
             kept = sketch.keys[f, b * m : (b + 1) * m]
             assert sorted(kept[torch.isfinite(kept)].tolist()) == sorted(offered[(f, b)])[:m]
-            assert torch.equal(sketch.values[f, b * m : (b + 1) * m][torch.isfinite(kept)], kept[torch.isfinite(kept)])
+            assert torch.equal(
+                sketch.values[f, b * m : (b + 1) * m][torch.isfinite(kept)], kept[torch.isfinite(kept)]
+            )
 
 
 def test_fine_histogram_growth_is_exact():
@@ -273,7 +290,9 @@ def test_logit_lens_matches_naive(tiny):
         direction = transcoder.W_dec[l].detach().sum(1)  # every output layer of the decoder
         logits = (direction * gain) @ unembed.t()
         np.testing.assert_array_equal(lens[l]["top_ids"], logits.topk(4).indices.numpy())
-        np.testing.assert_allclose(lens[l]["bottom_values"], logits.topk(4, largest=False).values.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(
+            lens[l]["bottom_values"], logits.topk(4, largest=False).values.numpy(), rtol=1e-5
+        )
 
 
 def test_stage_writes_sorted_parquet_readable_by_pandas_and_pyarrow(tiny):
@@ -356,3 +375,56 @@ def test_config_errors_name_the_key():
         parse_params({"examples": {"context_after": -1}})
     with pytest.raises(ValueError, match=r"`pack.compresslevel` must be in 1..9, got 0"):
         parse_params({"pack": {"compresslevel": 0}})
+
+
+def test_feature_activations_match_the_store(tiny):
+    """The heatmap's forward pass sees the same MLP inputs the dump stored."""
+    store = ActivationStore(tiny.paths.activations)
+    transcoder = load_transcoder(tiny.paths.transcoder)
+    model, _ = load_model(tiny.paths.model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    ids = store.array("token_ids")[CONTEXT : 2 * CONTEXT].tolist()  # the second stored sequence
+    acts, _ = naive_acts(tiny, n_tokens=2 * CONTEXT)
+    for layer, feature in [(0, 5), (2, 17)]:
+        ours = E.feature_activations(model, transcoder, ids, layer, feature)
+        np.testing.assert_allclose(ours, acts[layer, CONTEXT:, feature].numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"no layer 3 feature 0: the transcoder has layers 0..2"):
+        E.feature_activations(model, transcoder, ids, 3, 0)
+
+
+def test_cli_feature_and_heatmap(tiny, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    E.run(tiny, progress=False)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"paths": dataclasses.asdict(tiny.paths), "runtime": {"device": "cpu"}}))
+    result = CliRunner().invoke(main, ["feature", "1", "5", "-n", "2", "--params", str(params)], color=True)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].endswith("layer 1 feature 5\x1b[0m") and "fires on" in lines[1]
+    top = [line for line in lines if "\x1b[43m" in line]  # the max token on a yellow background
+    assert len(top) == 2
+    dead = CliRunner().invoke(main, ["feature", "0", "1", "--params", str(params)])
+    assert "dead" in dead.output
+    missing = CliRunner().invoke(main, ["feature", "9", "1", "--params", str(params)])
+    assert "no layer 9 feature 1: layers are 0..2, features 0..23" in str(missing.exception)
+    png = tmp_path / "heat.png"
+    text = "The quick brown fox jumps over the lazy dog."
+    args = [
+        "heatmap",
+        "--layer",
+        "1",
+        "--feature",
+        "5",
+        "--text",
+        text,
+        "-o",
+        str(png),
+        "--params",
+        str(params),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "max activation" in result.output

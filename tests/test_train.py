@@ -1,4 +1,6 @@
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -120,3 +122,63 @@ def test_normalisation_gives_root_d_norms(tiny_store):
     root_d = store.schema.d_model**0.5
     torch.testing.assert_close(x.norm(dim=-1).mean(0), torch.full((3,), root_d), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(y.norm(dim=-1).mean(0), torch.full((3,), root_d), rtol=1e-4, atol=1e-4)
+
+
+def test_store_from_another_model_is_refused(tiny_store, tmp_path):
+    base = {**tiny_store, "model": {**tiny_store["model"], "name": "HuggingFaceTB/SmolLM2-360M"}}
+    with pytest.raises(
+        ValueError, match="dumped from model .*but `model.name` is 'HuggingFaceTB/SmolLM2-360M'"
+    ):
+        run(_params(tmp_path, base), progress=False)
+    assert not (tmp_path / "tc").exists()
+
+
+def test_incomplete_or_partial_store_is_refused(tiny_store, tmp_path):
+    import shutil
+
+    import zarr
+
+    copy = tmp_path / "act.zarr"
+    shutil.copytree(tiny_store["paths"]["activations"], copy)
+    base = {**tiny_store, "paths": {**tiny_store["paths"], "activations": str(copy)}}
+    os.remove(copy / "resid_mid" / "c" / "1" / "0" / "0")
+    with pytest.raises(ValueError, match="resid_mid is missing .* chunks .*`dvc repro dump`"):
+        run(_params(tmp_path, base), progress=False)
+    zarr.open_group(str(copy), mode="r+").attrs["complete"] = False
+    with pytest.raises(ValueError, match="incomplete .*`dvc repro dump`"):
+        run(_params(tmp_path, base), progress=False)
+
+
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("lr", 0.0, r"in \(0, 1\)"),
+        ("lr", -1e-3, r"in \(0, 1\)"),
+        ("batch_size", 0, ">= 1"),
+        ("n_steps", 0, ">= 1"),
+        ("d_transcoder", 0, ">= 1"),
+        ("val_fraction", 0.0, r"in \(0, 1\)"),
+        ("val_fraction", 1.0, r"in \(0, 1\)"),
+        ("bandwidth", 0.0, "> 0"),
+        ("init_threshold", -0.1, "> 0"),
+        ("init_rate", 1.5, r"in \(0, 1\)"),
+        ("sparsity_coef", -1.0, ">= 0"),
+        ("buffer_shards", 0, ">= 1"),
+        ("kind", "sae", "one of clt, plt"),
+        ("activation", "relu", "one of jumprelu, topk, batchtopk"),
+        ("n_steps", 1.5, "an integer"),
+        ("lr_typo", 1e-3, "not a known key"),
+    ],
+)
+def test_out_of_range_train_values_name_the_key(tiny_store, tmp_path, key, value, allowed):
+    with pytest.raises(ValueError) as error:
+        _params(tmp_path, tiny_store, **{key: value})
+    message = str(error.value)
+    assert re.search(rf"`train\.{key}` .*{allowed}", message), message
+    if key != "lr_typo":  # the value found is in the message too
+        assert str(value) in message, message
+
+
+def test_topk_k_above_d_transcoder_names_both(tiny_store, tmp_path):
+    with pytest.raises(ValueError, match=r"`train\.k` must be <= `train\.d_transcoder` \(16\), got 17"):
+        _params(tmp_path, tiny_store, activation="topk", k=17)
