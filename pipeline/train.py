@@ -156,6 +156,13 @@ def build_transcoder(store: ActivationStore, cfg: TrainConfig) -> CrossLayerTran
     return CrossLayerTranscoder(shape)
 
 
+def build_optimizer(model: CrossLayerTranscoder, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam; fused (one pass over each parameter instead of ~8), which measured 5x faster on
+    this CPU, where the unfused step took a third of a training step."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
+
+
 def train_steps(
     model: CrossLayerTranscoder,
     loader: ActivationLoader,
@@ -167,7 +174,7 @@ def train_steps(
     progress: bool = True,
 ) -> list[dict]:
     """Run (or resume) the optimisation; returns the per-step history."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    optimizer = build_optimizer(model, cfg, device)
     state = checkpoint.load()
     step, history = 0, []
     if state is not None:
@@ -329,7 +336,9 @@ def run(params: Params, *, progress: bool = True) -> dict:
     val = sample_rows(store, "val", cfg.val_fraction, 8192)
     metrics = validate(model, val)
     logger.info("validation: %s", metrics["mean"])
-    export_transcoder(model, out, model_name=params.model.name)
+    # `scan`: where circuit-tracer's frontend finds the packed feature examples (`pack` stage).
+    scan = str(Path(params.paths.features).resolve())
+    export_transcoder(model, out, model_name=params.model.name, scan=scan)
     write_metrics(Path(params.paths.metrics), metrics, history)
     shutil.rmtree(work, ignore_errors=True)
     return metrics

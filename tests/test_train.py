@@ -182,3 +182,13 @@ def test_out_of_range_train_values_name_the_key(tiny_store, tmp_path, key, value
 def test_topk_k_above_d_transcoder_names_both(tiny_store, tmp_path):
     with pytest.raises(ValueError, match=r"`train\.k` must be <= `train\.d_transcoder` \(16\), got 17"):
         _params(tmp_path, tiny_store, activation="topk", k=17)
+
+
+def test_sparse_decoder_trains_like_the_dense_one(tiny_store, tmp_path):
+    dense = run(_params(tmp_path / "dense", tiny_store), progress=False)
+    sparse = run(_params(tmp_path / "sparse", tiny_store, sparse_decoder=True), progress=False)
+    for key in ("nmse", "l0", "dead_fraction"):
+        assert sparse["mean"][key] == pytest.approx(dense["mean"][key], rel=1e-3, abs=1e-6), key
+    a, b = load_transcoder(tmp_path / "dense" / "tc"), load_transcoder(tmp_path / "sparse" / "tc")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5, msg=name)
