@@ -1,6 +1,6 @@
 """Training throughput from the Zarr store vs. from memory, and sparse vs. dense decoding.
 
-    python -m bench.train [--steps 40] [--rounds 2] [--d-transcoder-big 4096] [--skip-loader]
+    python -m bench.train [--steps 40] [--rounds 2] [--d-transcoder-big 4096] [--decoder-reps 3]
 
 1. The same optimisation steps (config from params.yaml `train:`), once fed by the
    `ActivationLoader` stream (shards read, shuffled and gathered into batches in a
@@ -104,7 +104,9 @@ def compare_loader(params, steps: int, rounds: int) -> None:
     print(f"training from Zarr / from memory (median of {rounds}): {statistics.median(ratios):.3f}")
 
 
-def decode_seconds(d_transcoder: int, n_layers: int, d_model: int, n_tokens: int, l0: int, autocast: bool):
+def decode_seconds(
+    d_transcoder: int, n_layers: int, d_model: int, n_tokens: int, l0: int, autocast: bool, reps: int
+) -> dict[str, float]:
     """Median seconds of the decoder's forward + backward: {"dense": s, "sparse": s}."""
     model = CrossLayerTranscoder(CLTShape(n_layers, d_model, d_transcoder))
     rank = torch.rand(n_layers, n_tokens, d_transcoder).argsort(-1)
@@ -112,7 +114,7 @@ def decode_seconds(d_transcoder: int, n_layers: int, d_model: int, n_tokens: int
     window = (rank >= l0) & (rank < l0 + max(1, round(WINDOW_RATE * d_transcoder)))
     acts = torch.rand(n_layers, n_tokens, d_transcoder) * active
     out = {}
-    for sparse in (False, True, False, True):  # interleaved; the first of each is a warm-up
+    for sparse in [False, True] * (reps + 1):  # interleaved; the first of each is a warm-up
         a = acts.clone().requires_grad_()
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
@@ -120,15 +122,16 @@ def decode_seconds(d_transcoder: int, n_layers: int, d_model: int, n_tokens: int
             recon = model.decode(a, sparse=sparse, grad_mask=active | window if sparse else None)
         recon.float().pow(2).sum().backward()
         out.setdefault("sparse" if sparse else "dense", []).append(time.perf_counter() - start)
-    return {k: v[-1] for k, v in out.items()}
+    return {k: statistics.median(v[1:]) for k, v in out.items()}
 
 
-def compare_decoders(params, d_transcoder_big: int) -> None:
+def compare_decoders(params, d_transcoder_big: int, reps: int) -> None:
     cfg = params.train
     schema = ActivationStore(params.paths.activations).schema
+    print(f"decoder: {reps} timed runs per setting, {torch.get_num_threads()} threads")
     for d_tc in (cfg.d_transcoder, d_transcoder_big):
         for l0 in (l0 for l0 in (16, 64) if l0 < d_tc):
-            t = decode_seconds(d_tc, schema.n_layers, schema.d_model, cfg.batch_size, l0, cfg.autocast)
+            t = decode_seconds(d_tc, schema.n_layers, schema.d_model, cfg.batch_size, l0, cfg.autocast, reps)
             print(
                 f"decoder fwd+bwd, d_transcoder={d_tc}, L0={l0}, {cfg.batch_size} tokens: "
                 f"dense {t['dense']:.3f} s, sparse {t['sparse']:.3f} s, "
@@ -145,6 +148,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--d-transcoder-big", type=int, default=4096)
+    parser.add_argument("--decoder-reps", type=int, default=3, help="timed decoder runs per setting")
     parser.add_argument("--skip-loader", action="store_true", help="only the decoder comparison")
     parser.add_argument("--skip-decoder", action="store_true", help="only the loader comparison")
     args = parser.parse_args()
@@ -152,7 +156,7 @@ def main() -> None:
     if not args.skip_loader:
         compare_loader(params, args.steps, args.rounds)
     if not args.skip_decoder:
-        compare_decoders(params, args.d_transcoder_big)
+        compare_decoders(params, args.d_transcoder_big, args.decoder_reps)
 
 
 if __name__ == "__main__":
