@@ -137,6 +137,10 @@ def write_graph_metadata(folder: Path, slugs: list[str]) -> None:
     write_json_atomic(folder / "graph-metadata.json", {"graphs": graphs})
 
 
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def draw_graph(data: dict, path: Path, *, max_links: int = 400) -> None:
     """A PNG of a pruned graph JSON: layers up, token positions across, edges coloured by
     sign (blue +, red -) with width by |weight|, node labels."""
