@@ -151,19 +151,23 @@ class ActivationLoader:
         q: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
         stop = threading.Event()
 
+        def put(item) -> bool:
+            """Queue `item` unless the consumer has stopped; whether it was queued."""
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
         def produce():
             try:
                 for item in self._produce(epoch, first):
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            pass
-                    if stop.is_set():
+                    if not put(item):
                         return
             except BaseException as e:  # re-raised in the consumer
-                q.put(e)
+                put(e)
 
         thread = threading.Thread(target=produce, daemon=True)
         thread.start()

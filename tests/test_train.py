@@ -1,3 +1,5 @@
+import contextlib
+import itertools
 import json
 import os
 import re
@@ -64,6 +66,25 @@ def test_loader_is_deterministic_excludes_bos_and_resumes_mid_epoch(tiny_store):
         assert not (b == bos).all(dim=(1, 2)).any()
     val = ActivationLoader(store, batch_size=10, split="val", val_fraction=0.2)
     assert 0 < val.n_rows < loader.n_rows
+    # the endless stream crosses epochs: the end of epoch 0, then the start of epoch 1
+    n = loader.batches_per_epoch
+    with contextlib.closing(loader.batches(n - 2)) as stream:
+        crossing = [b.x for b in itertools.islice(stream, 4)]
+    expected = batches[-2:] + [b.x for b in itertools.islice(loader.epoch(1), 2)]
+    for a, b in zip(crossing, expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_loader_errors_reach_the_training_loop(tiny_store, monkeypatch):
+    store = ActivationStore(tiny_store["paths"]["activations"])
+    loader = ActivationLoader(store, batch_size=50, buffer_shards=1)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(store, "read_rows", broken)
+    with pytest.raises(OSError, match="disk on fire"):
+        next(iter(loader.epoch(0)))
 
 
 def test_training_reduces_error_and_exports(tiny_store, tmp_path):
