@@ -114,12 +114,12 @@ def decode_seconds(
     window = (rank >= l0) & (rank < l0 + max(1, round(WINDOW_RATE * d_transcoder)))
     acts = torch.rand(n_layers, n_tokens, d_transcoder) * active
     out = {}
+    dtype = torch.bfloat16 if autocast else torch.float32  # as `loss_terms` computes
     for sparse in [False, True] * (reps + 1):  # interleaved; the first of each is a warm-up
-        a = acts.clone().requires_grad_()
+        a = acts.to(dtype).requires_grad_()
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            recon = model.decode(a, sparse=sparse, grad_mask=active | window if sparse else None)
+        recon = model.decode(a, sparse=sparse, grad_mask=active | window if sparse else None)
         recon.float().pow(2).sum().backward()
         out.setdefault("sparse" if sparse else "dense", []).append(time.perf_counter() - start)
     return {k: statistics.median(v[1:]) for k, v in out.items()}

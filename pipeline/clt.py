@@ -99,19 +99,20 @@ def _batch_topk_mask(h: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class _Decode(torch.autograd.Function):
-    """All decoders at once, dense: out (n_layers * d_model, n_tokens) from acts (n_layers, n_tokens, d_tc).
+    """All decoders at once, dense: out (n_tokens, n_layers * d_model) from acts (n_layers, n_tokens, d_tc).
 
-    The output is laid out so that the rows written by layer l's decoder (every layer from
-    l on, `n_out * d_model` rows) are one contiguous block: each layer is a single in-place
-    `addmm_`, and the backward pass reads contiguous blocks of the gradient.
+    Layer l's decoder writes the columns of every layer from l on (`n_out * d_model`
+    columns), one contiguous column block: each layer is a single in-place `addmm_` into a
+    strided view, and the backward pass reads the same blocks of the gradient. Computes in
+    the dtype of `acts` and `W_dec` (bfloat16 matmuls accumulate in float32 inside).
     """
 
     @staticmethod
     def forward(ctx, acts, d_model: int, *W_dec):
         n_layers, n_tokens, _ = acts.shape
-        out = acts.new_zeros(n_layers * d_model, n_tokens)
+        out = acts.new_zeros(n_tokens, n_layers * d_model)
         for l, W in enumerate(W_dec):  # W: (d_tc, n_out * d_model)
-            out[l * d_model : l * d_model + W.shape[1]].addmm_(W.t(), acts[l].t())
+            out[:, l * d_model : l * d_model + W.shape[1]].addmm_(acts[l], W)
         ctx.save_for_backward(acts, *W_dec)
         ctx.d_model = d_model
         return out
@@ -120,12 +121,13 @@ class _Decode(torch.autograd.Function):
     def backward(ctx, grad):
         acts, *W_dec = ctx.saved_tensors
         d = ctx.d_model
+        grad = grad.to(acts.dtype)
         grad_acts = torch.empty_like(acts)
         grad_W = []
         for l, W in enumerate(W_dec):
-            g = grad[l * d : l * d + W.shape[1]].to(W.dtype)  # (n_out * d_model, n_tokens)
-            grad_acts[l] = (W @ g).t()
-            grad_W.append(acts[l].t() @ g.t())
+            g = grad[:, l * d : l * d + W.shape[1]]  # (n_tokens, n_out * d_model)
+            torch.mm(g, W.t(), out=grad_acts[l])
+            grad_W.append(acts[l].t() @ g)
         return grad_acts, None, *grad_W
 
 
@@ -311,7 +313,7 @@ class CrossLayerTranscoder(nn.Module):
             out = _SparseDecode.apply(acts, grad_mask, d, *W_dec).view(n_tokens, L, d).to(acts.dtype)
         else:
             W_dec = [W.to(acts.dtype).flatten(1) for W in self.W_dec]
-            out = _Decode.apply(acts, d, *W_dec).view(L, d, n_tokens).permute(2, 0, 1)
+            out = _Decode.apply(acts, d, *W_dec).view(n_tokens, L, d)
         return out + self.b_dec.to(acts.dtype)
 
     def forward(self, x: torch.Tensor, *, bandwidth: float = 0.0, sparse: bool = False):

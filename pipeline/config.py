@@ -147,8 +147,9 @@ class TrainConfig:
     """Token-level sparse decoder: touch only the active (token, feature) pairs (same result;
     pays only when L0 is a small fraction of `d_transcoder`, see `python -m bench.train`)."""
     autocast: bool = True
-    """bfloat16 autocast for the encoder's matmul (parameters stay float32; the decoder
-    runs in float32, as do the activations it reads)."""
+    """Compute the transcoder in bfloat16 (encoder and dense decoder matmuls, 2.3x the
+    tokens/s of float32 at batch 1024 on an AMX CPU); parameters, optimizer state, the
+    JumpReLU threshold and the loss stay float32."""
     checkpoint_every: int = 50
     """Steps between checkpoints (a killed run resumes from the last one)."""
     seed: int = 0

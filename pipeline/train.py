@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.clt import CLTShape, CrossLayerTranscoder, export_transcoder
@@ -103,11 +104,14 @@ def loss_terms(
     cfg: TrainConfig,
     bandwidth: float,
 ) -> dict[str, torch.Tensor]:
-    """The paper's loss on normalised (x, y), each (n_tokens, n_layers, d_model)."""
-    device_type = x.device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.autocast):
-        h, acts, recon = model(x, bandwidth=bandwidth, sparse=cfg.sparse_decoder)
-    mse = (recon.float() - y).pow(2).sum(dim=(1, 2)).mean()
+    """The paper's loss on normalised (x, y), each (n_tokens, n_layers, d_model).
+
+    With `cfg.autocast` the transcoder computes in bfloat16 (its float32 parameters cast
+    once per step; every matmul accumulates in float32); the threshold, the loss terms and
+    the optimizer stay float32."""
+    compute_dtype = torch.bfloat16 if cfg.autocast else torch.float32
+    h, acts, recon = model(x.to(compute_dtype), bandwidth=bandwidth, sparse=cfg.sparse_decoder)
+    mse = F.mse_loss(recon.float(), y, reduction="sum") / len(y)
     terms = {"mse": mse, "acts": acts.detach()}
     total = mse
     if model.shape.activation == "jumprelu":
