@@ -117,9 +117,9 @@ class TrainConfig:
     """Features per layer."""
     k: int = 32
     """Active features per layer and token for topk / batchtopk."""
-    n_steps: int = 300
+    n_steps: int = 400
     """Optimiser steps."""
-    batch_size: int = 256
+    batch_size: int = 1024
     """Tokens per step."""
     lr: float = 2e-3
     """Adam learning rate (linear warm-up over `warmup_steps`, linear decay over the last 20%)."""
@@ -143,6 +143,10 @@ class TrainConfig:
     """Fraction of documents held out for validation (and for `evaluate`)."""
     buffer_shards: int = 2
     """Shards shuffled together; more mixes better and costs memory (~0.5 GB per shard)."""
+    max_norm_ratio: float = 0.0
+    """Leave out of training the tokens whose MLP output norm at some layer exceeds this
+    multiple of the layer's median ("massive activations": one such token can carry most
+    of a batch's loss and gradient); 0 keeps every token. Validation keeps every token."""
     sparse_decoder: bool = False
     """Token-level sparse decoder: touch only the active (token, feature) pairs (same result;
     pays only when L0 is a small fraction of `d_transcoder`, see `python -m bench.train`)."""
@@ -167,6 +171,12 @@ class TrainConfig:
         for key in ("sparsity_coef", "pre_act_coef", "warmup_steps"):
             if getattr(self, key) < 0:
                 _fail(f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if self.max_norm_ratio != 0 and self.max_norm_ratio <= 1:
+            _fail(
+                "train.max_norm_ratio",
+                "must be 0 (keep every token) or > 1 (a multiple of the median norm), "
+                f"got {self.max_norm_ratio}",
+            )
         for key in ("sparsity_c", "init_threshold", "bandwidth"):
             if getattr(self, key) <= 0:
                 _fail(f"train.{key}", f"must be > 0, got {getattr(self, key)}")

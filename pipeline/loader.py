@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ import torch
 
 from pipeline.store import ACTIVATIONS, ActivationStore, storage_dtype
 
+logger = logging.getLogger(__name__)
+
 
 def split_mask(doc_ids: np.ndarray, positions: np.ndarray, split: str, val_fraction: float) -> np.ndarray:
     """Rows of `split` ("train" or "val"): documents split by a hash of their id; BOS excluded."""
@@ -33,6 +36,52 @@ def split_mask(doc_ids: np.ndarray, positions: np.ndarray, split: str, val_fract
     is_val = h.astype(np.float64) / 2**32 < val_fraction
     keep = is_val if split == "val" else ~is_val
     return keep & (positions != 0)
+
+
+def massive_rows(store: ActivationStore, keep: np.ndarray, max_norm_ratio: float) -> np.ndarray:
+    """Rows (a boolean mask over the store) whose MLP output norm at some layer exceeds
+    `max_norm_ratio` times that layer's median norm over the `keep` rows ("massive
+    activations": in SmolLM2-135M ~0.03% of tokens, all at position 1 or 2 of a sequence,
+    with a layer-11 output norm up to ~500x the median). One pass over `mlp_out`."""
+    schema = store.schema
+    out = np.zeros(schema.n_tokens, dtype=bool)
+    if max_norm_ratio <= 0:
+        return out
+    median = None
+    for shard in range(schema.n_shards):
+        start, stop = schema.shard_rows(shard)
+        rows = np.flatnonzero(keep[start:stop])
+        if not len(rows):
+            continue
+        norms = store.to_torch(store.read_rows("mlp_out", start, stop, rows)).float().norm(dim=-1)
+        if median is None:  # from the first shard with kept rows: (n_layers,)
+            median = norms.median(dim=0).values.clamp_min(1e-6)
+        out[start + rows] = (norms > max_norm_ratio * median).any(dim=1).numpy()
+    return out
+
+
+def rows_mask(
+    store: ActivationStore, split: str, val_fraction: float, max_norm_ratio: float = 0.0
+) -> np.ndarray:
+    """The rows of `split` (`split_mask`), without massive-activation rows (`massive_rows`,
+    found once per store object and setting: it reads all of `mlp_out`)."""
+    mask = split_mask(store.array("doc_ids")[:], store.array("positions")[:], split, val_fraction)
+    if max_norm_ratio <= 0:
+        return mask
+    cache = store.__dict__.setdefault("_massive_rows", {})
+    key = (split, val_fraction, max_norm_ratio)
+    if key not in cache:
+        cache[key] = massive_rows(store, mask, max_norm_ratio)
+    massive = cache[key]
+    if massive.any():
+        logger.info(
+            "%s split: leaving out %d of %d tokens with an MLP output norm > %g x the layer median",
+            split,
+            massive.sum(),
+            mask.sum(),
+            max_norm_ratio,
+        )
+    return mask & ~massive
 
 
 @dataclass(frozen=True)
@@ -53,6 +102,7 @@ class ActivationLoader:
         seed: int = 0,
         max_tokens: int | None = None,
         prefetch_batches: int = 8,
+        max_norm_ratio: float = 0.0,
     ):
         self.store = store
         self.batch_size = batch_size
@@ -61,7 +111,7 @@ class ActivationLoader:
         self.seed = seed
         schema = store.schema
         n = schema.n_tokens if max_tokens is None else min(max_tokens, schema.n_tokens)
-        mask = split_mask(store.array("doc_ids")[:], store.array("positions")[:], split, val_fraction)
+        mask = rows_mask(store, split, val_fraction, max_norm_ratio)
         mask[n:] = False
         self.mask = mask
         self.rows_per_shard = np.array(

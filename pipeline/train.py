@@ -32,17 +32,18 @@ from tqdm import tqdm
 
 from pipeline.clt import CLTShape, CrossLayerTranscoder, export_transcoder
 from pipeline.config import Params, TrainConfig
-from pipeline.loader import ActivationLoader, split_mask
+from pipeline.loader import ActivationLoader, rows_mask
 from pipeline.model import resolve_device
 from pipeline.store import ACTIVATIONS, ActivationStore
 
 logger = logging.getLogger(__name__)
 
 
-def sample_rows(store: ActivationStore, split: str, val_fraction: float, n: int) -> dict[str, torch.Tensor]:
+def sample_rows(
+    store: ActivationStore, split: str, val_fraction: float, n: int, max_norm_ratio: float = 0.0
+) -> dict[str, torch.Tensor]:
     """Up to `n` rows of `split` in store order, as float32 (for statistics and init)."""
-    doc_ids, positions = store.array("doc_ids")[:], store.array("positions")[:]
-    mask = split_mask(doc_ids, positions, split, val_fraction)
+    mask = rows_mask(store, split, val_fraction, max_norm_ratio)
     out = {name: [] for name in ACTIVATIONS}
     have = 0
     for shard in range(store.schema.n_shards):
@@ -316,9 +317,10 @@ def run(params: Params, *, progress: bool = True) -> dict:
         val_fraction=cfg.val_fraction,
         buffer_shards=cfg.buffer_shards,
         seed=cfg.seed,
+        max_norm_ratio=cfg.max_norm_ratio,
     )
     model = build_transcoder(store, cfg)
-    init = sample_rows(store, "train", cfg.val_fraction, 4096)
+    init = sample_rows(store, "train", cfg.val_fraction, 4096, cfg.max_norm_ratio)
     fit_scales(model, init)
     x_init, _ = normalise(model, init["resid_mid"], init["mlp_out"])
     bandwidth = init_encoder(model, x_init, cfg)

@@ -10,7 +10,7 @@ import torch
 from pipeline.clt import load_transcoder
 from pipeline.config import parse_params
 from pipeline.dump import run as run_dump
-from pipeline.loader import ActivationLoader
+from pipeline.loader import ActivationLoader, massive_rows, split_mask
 from pipeline.store import ActivationStore
 from pipeline.train import Checkpoint, normalise, run, sample_rows
 from tests.tiny import TEXT
@@ -73,6 +73,31 @@ def test_loader_is_deterministic_excludes_bos_and_resumes_mid_epoch(tiny_store):
     expected = batches[-2:] + [b.x for b in itertools.islice(loader.epoch(1), 2)]
     for a, b in zip(crossing, expected, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_loader_leaves_out_massive_activation_rows(tiny_store):
+    """`max_norm_ratio` drops exactly the train rows whose MLP output norm at some layer
+    exceeds the ratio times the layer's median (naive recomputation here), from every batch."""
+    store = ActivationStore(tiny_store["paths"]["activations"])
+    keep = split_mask(store.array("doc_ids")[:], store.array("positions")[:], "train", 0.05)
+    norms = store.read("mlp_out", 0, store.n_tokens).float().norm(dim=-1)  # (n_tokens, n_layers)
+    first = store.schema.shard_rows(0)
+    first_rows = torch.from_numpy(keep[first[0] : first[1]]).nonzero().flatten() + first[0]
+    ratio = (norms / norms[first_rows].median(dim=0).values).max(dim=1).values
+    ratio[~torch.from_numpy(keep)] = 0
+    top = ratio.sort(descending=True).values
+    threshold = float(top[2] + top[3]) / 2  # exactly three rows above it
+    flagged = massive_rows(store, keep, threshold)
+    assert flagged.sum() == 3 and set(flagged.nonzero()[0]) == set(
+        (ratio > threshold).nonzero().flatten().tolist()
+    )
+    assert not massive_rows(store, keep, 0).any()
+    plain = ActivationLoader(store, batch_size=50, seed=1)
+    loader = ActivationLoader(store, batch_size=50, seed=1, max_norm_ratio=threshold)
+    assert loader.n_rows == plain.n_rows - 3
+    dropped = store.read("mlp_out", 0, store.n_tokens)[torch.from_numpy(flagged)]
+    for batch in loader.epoch(0):
+        assert not (batch.y[:, None] == dropped[None]).all(dim=(2, 3)).any()
 
 
 def test_loader_errors_reach_the_training_loop(tiny_store, monkeypatch):
@@ -189,6 +214,7 @@ def test_incomplete_or_partial_store_is_refused(tiny_store, tmp_path):
         ("activation", "relu", "one of jumprelu, topk, batchtopk"),
         ("n_steps", 1.5, "an integer"),
         ("lr_typo", 1e-3, "not a known key"),
+        ("max_norm_ratio", 0.5, r"0 \(keep every token\) or > 1"),
     ],
 )
 def test_out_of_range_train_values_name_the_key(tiny_store, tmp_path, key, value, allowed):
@@ -209,7 +235,9 @@ def test_sparse_decoder_trains_like_the_dense_one(tiny_store, tmp_path):
     # float32: with `autocast` the dense decoder multiplies in bfloat16, the sparse one
     # gathers float32 rows, so the two runs would differ by bf16 rounding at every step
     dense = run(_params(tmp_path / "dense", tiny_store, autocast=False), progress=False)
-    sparse = run(_params(tmp_path / "sparse", tiny_store, sparse_decoder=True, autocast=False), progress=False)
+    sparse = run(
+        _params(tmp_path / "sparse", tiny_store, sparse_decoder=True, autocast=False), progress=False
+    )
     for key in ("nmse", "l0", "dead_fraction"):
         assert sparse["mean"][key] == pytest.approx(dense["mean"][key], rel=1e-3, abs=1e-6), key
     a, b = load_transcoder(tmp_path / "dense" / "tc"), load_transcoder(tmp_path / "sparse" / "tc")
