@@ -143,7 +143,7 @@ class TrainConfig:
     """Fraction of documents held out for validation (and for `evaluate`)."""
     buffer_shards: int = 2
     """Shards shuffled together; more mixes better and costs memory (~0.5 GB per shard)."""
-    max_norm_ratio: float = 0.0
+    max_norm_ratio: float = 100.0
     """Leave out of training the tokens whose MLP output norm at some layer exceeds this
     multiple of the layer's median ("massive activations": one such token can carry most
     of a batch's loss and gradient); 0 keeps every token. Validation keeps every token."""
