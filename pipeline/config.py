@@ -117,7 +117,7 @@ class TrainConfig:
     """Features per layer."""
     k: int = 32
     """Active features per layer and token for topk / batchtopk."""
-    n_steps: int = 400
+    n_steps: int = 800
     """Optimiser steps."""
     batch_size: int = 1024
     """Tokens per step."""
