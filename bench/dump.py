@@ -26,7 +26,8 @@ import torch
 from pipeline.config import load_params
 from pipeline.corpus import iter_documents, pack_documents
 from pipeline.dump import _Target, capture_activations, dump_activations, make_schema
-from pipeline.model import bos_token_id, get_trunk, load_model, resolve_device, resolve_dtype
+from pipeline.model import bos_token_id, get_trunk, load_model
+from pipeline.runtime import resolve_device, torch_dtype
 
 
 def bare_forward(model, token_ids, batch_size: int) -> float:
@@ -63,7 +64,7 @@ def compare_dtypes(params, corpus, batch_size: int, device) -> None:
     ids = torch.from_numpy(corpus.token_ids[:batch_size]).long()
     acts, speed = {}, {}
     for name in ("float32", "bfloat16"):
-        model, _ = load_model(params.paths.model_dir, dtype=resolve_dtype(name), device=device)
+        model, _ = load_model(params.paths.model_dir, dtype=torch_dtype(name), device=device)
         bare_forward(model, corpus.token_ids[:batch_size], batch_size)  # warm-up
         speed[name] = bare_forward(model, corpus.token_ids[: 4 * batch_size], batch_size)
         acts[name] = activations(model, ids)
@@ -100,7 +101,7 @@ def main() -> None:
     params = load_params(args.params)
     device = resolve_device(params.runtime.device)
     model, tokenizer = load_model(
-        params.paths.model_dir, dtype=resolve_dtype(params.model.dtype), device=device
+        params.paths.model_dir, dtype=torch_dtype(params.model.dtype), device=device
     )
     corpus = pack_documents(
         iter_documents(params.corpus.path, params.corpus.text_field),

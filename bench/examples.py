@@ -4,7 +4,7 @@
 
 Both read the first `--n-tokens` stored tokens of `paths.activations` with the same shard
 reader (`iter_batches`, read ahead in a background thread) and encode every layer with
-the transcoder of `paths.transcoder` (`examples.autocast` decides bf16 or fp32):
+the transcoder of `paths.transcoder` in `examples.compute_dtype` (bfloat16 or float32):
 
 1. bare: the encoder matmul and JumpReLU (in place: h where h > threshold, else 0),
    nothing else: the least any pass over the stored tokens has to do;
@@ -42,13 +42,16 @@ from pipeline.examples import (
     write_tables,
 )
 from pipeline.model import load_model
+from pipeline.runtime import torch_dtype
 from pipeline.store import ActivationStore
 
 
 def _chunks(store, transcoder, cfg):
     scan = plan_scan(store, transcoder, cfg)
     chunks = plan_chunks(transcoder.shape.n_layers, transcoder.shape.d_transcoder)
-    weights = [chunk_weights(transcoder, c, autocast=cfg.autocast, device="cpu") for c in chunks]
+    weights = [
+        chunk_weights(transcoder, c, dtype=torch_dtype(cfg.compute_dtype), device="cpu") for c in chunks
+    ]
     buffer = torch.empty(
         max(c.n_features for c in chunks) * scan.batch_rows, dtype=weights[0].threshold.dtype
     )
@@ -112,7 +115,7 @@ def main() -> None:
     n = plan_scan(store, transcoder, cfg).n_tokens
     print(
         f"{n} tokens x {transcoder.shape.n_layers} layers x {transcoder.shape.d_transcoder} features, "
-        f"autocast={cfg.autocast}, {torch.get_num_threads()} threads"
+        f"compute_dtype={cfg.compute_dtype}, {torch.get_num_threads()} threads"
     )
     bare_encoder(store, transcoder, cfg)  # warm the page cache
     ratios = []

@@ -4,7 +4,7 @@
 
 For a short (6 tokens with BOS) and a longer (~60 tokens) prompt, on the default model
 (`data/model`, float32, CPU) and transcoder (`data/transcoder`), each side runs in its own
-fresh process (circuit-tracer in its venv, built by scripts/ct_venv.sh if missing) so
+fresh process (circuit-tracer in its venv, built by ct/venv.sh if missing) so
 peak RSS (`ru_maxrss`) is per side. Wall time excludes model loading on both sides.
 Prints both times, both peak RSS and the ratios; rounds alternate the two sides.
 """
@@ -24,6 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CT_PYTHON = ROOT / ".ct-venv" / "bin" / "python"
+CT_ATTRIBUTE = ROOT / "ct" / "attribute.py"
 PROMPTS = {
     "short": "The capital of France is",
     "long": (
@@ -64,7 +65,7 @@ def run_ours(prompt: str, args) -> dict:
 
 def run_theirs(prompt: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [str(CT_PYTHON), str(ROOT / "scripts" / "ct_attribute.py"), str(ROOT / "data" / "model")]
+        cmd = [str(CT_PYTHON), str(CT_ATTRIBUTE), str(ROOT / "data" / "model")]
         cmd += [str(ROOT / "data" / "transcoder"), prompt, f"{tmp}/g.pt"]
         cmd += ["--max-feature-nodes", str(args.max_feature_nodes), "--batch-size", str(args.batch_size)]
         subprocess.run(cmd, check=True, capture_output=True)
@@ -85,7 +86,7 @@ def main() -> None:
         print(json.dumps(ours(args.ours, args.max_feature_nodes, args.batch_size)))
         return
     if not CT_PYTHON.exists():
-        subprocess.run(["bash", str(ROOT / "scripts" / "ct_venv.sh")], check=True)
+        subprocess.run(["bash", str(ROOT / "ct" / "venv.sh")], check=True)
     print(f"max_feature_nodes={args.max_feature_nodes} batch_size={args.batch_size} (float32, CPU)")
     for name, prompt in PROMPTS.items():
         for r in range(args.rounds):

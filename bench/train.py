@@ -9,7 +9,7 @@
    for the loader it includes reading the first group of shards, which a training run
    pays once (printed separately).
 2. The decoder's forward + backward as in a training step (float32 parameters,
-   gradients set to None in between, `train.autocast`), dense vs. token-level sparse,
+   gradients set to None in between, `train.compute_dtype`), dense vs. token-level sparse,
    at L0 = 16 and 64 per layer, at `train.d_transcoder` and at a larger dictionary. The
    sparse path's activation gradient also covers the STE window: inactive pairs at the
    rate measured on the default transcoder (2.9 per token of 256 features, 1.1%).
@@ -26,32 +26,21 @@ import time
 import torch
 
 from pipeline.clt import CLTShape, CrossLayerTranscoder
-from pipeline.config import TrainConfig, load_params
+from pipeline.config import load_params
 from pipeline.loader import ActivationLoader
+from pipeline.runtime import torch_dtype
 from pipeline.store import ActivationStore
-from pipeline.train import (
-    build_optimizer,
-    build_transcoder,
-    fit_scales,
-    init_encoder,
-    loss_terms,
-    normalise,
-    sample_rows,
-)
+from pipeline.train import Trainer
 
 WINDOW_RATE = 2.9 / 256  # inactive pairs in the STE window, per feature (default transcoder)
 
 
-def train_seconds(model, optimizer, batches, cfg: TrainConfig, bandwidth: float) -> tuple[float, float]:
+def train_seconds(trainer: Trainer, batches) -> tuple[float, float]:
     """(seconds of the first step, seconds per step of the others)."""
     times = []
     start = time.perf_counter()
     for batch in batches:
-        x, y = normalise(model, batch.x, batch.y)
-        terms = loss_terms(model, x, y, lam=cfg.sparsity_coef, cfg=cfg, bandwidth=bandwidth)
-        optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        optimizer.step()
+        trainer.train_step(batch)
         now = time.perf_counter()
         times.append(now - start)
         start = now
@@ -68,11 +57,7 @@ def compare_loader(params, steps: int, rounds: int) -> None:
         buffer_shards=cfg.buffer_shards,
         seed=cfg.seed,
     )
-    model = build_transcoder(store, cfg)
-    sample = sample_rows(store, "train", cfg.val_fraction, 2048)
-    fit_scales(model, sample)
-    bandwidth = init_encoder(model, normalise(model, sample["resid_mid"], sample["mlp_out"])[0], cfg)
-    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    trainer = Trainer(store, cfg, device=torch.device("cpu"))
     print(
         f"store {store.n_tokens} tokens; {cfg.kind} d_transcoder={cfg.d_transcoder}, batch {cfg.batch_size}, "
         f"buffer_shards {cfg.buffer_shards}, {steps} timed steps per measurement, "
@@ -86,12 +71,10 @@ def compare_loader(params, steps: int, rounds: int) -> None:
         timings = {}
         for mode in ("memory", "zarr") if r % 2 == 0 else ("zarr", "memory"):
             if mode == "memory":
-                timings[mode] = train_seconds(model, optimizer, in_memory, cfg, bandwidth)
+                timings[mode] = train_seconds(trainer, in_memory)
             else:
                 with contextlib.closing(loader.batches(start)) as it:
-                    timings[mode] = train_seconds(
-                        model, optimizer, itertools.islice(it, steps + 1), cfg, bandwidth
-                    )
+                    timings[mode] = train_seconds(trainer, itertools.islice(it, steps + 1))
         (first_mem, mem), (first, zarr_) = timings["memory"], timings["zarr"]
         ratios.append(mem / zarr_)
         with_start = (first_mem + steps * mem) / (first + steps * zarr_)
@@ -105,7 +88,7 @@ def compare_loader(params, steps: int, rounds: int) -> None:
 
 
 def decode_seconds(
-    d_transcoder: int, n_layers: int, d_model: int, n_tokens: int, l0: int, autocast: bool, reps: int
+    d_transcoder: int, n_layers: int, d_model: int, n_tokens: int, l0: int, dtype: torch.dtype, reps: int
 ) -> dict[str, float]:
     """Median seconds of the decoder's forward + backward: {"dense": s, "sparse": s}."""
     model = CrossLayerTranscoder(CLTShape(n_layers, d_model, d_transcoder))
@@ -114,7 +97,6 @@ def decode_seconds(
     window = (rank >= l0) & (rank < l0 + max(1, round(WINDOW_RATE * d_transcoder)))
     acts = torch.rand(n_layers, n_tokens, d_transcoder) * active
     out = {}
-    dtype = torch.bfloat16 if autocast else torch.float32  # as `loss_terms` computes
     for sparse in [False, True] * (reps + 1):  # interleaved; the first of each is a warm-up
         a = acts.to(dtype).requires_grad_()
         model.zero_grad(set_to_none=True)
@@ -131,7 +113,8 @@ def compare_decoders(params, d_transcoder_big: int, reps: int) -> None:
     print(f"decoder: {reps} timed runs per setting, {torch.get_num_threads()} threads")
     for d_tc in (cfg.d_transcoder, d_transcoder_big):
         for l0 in (l0 for l0 in (16, 64) if l0 < d_tc):
-            t = decode_seconds(d_tc, schema.n_layers, schema.d_model, cfg.batch_size, l0, cfg.autocast, reps)
+            shape = (schema.n_layers, schema.d_model, cfg.batch_size)
+            t = decode_seconds(d_tc, *shape, l0, torch_dtype(cfg.compute_dtype), reps)
             print(
                 f"decoder fwd+bwd, d_transcoder={d_tc}, L0={l0}, {cfg.batch_size} tokens: "
                 f"dense {t['dense']:.3f} s, sparse {t['sparse']:.3f} s, "

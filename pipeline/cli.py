@@ -7,99 +7,94 @@ not changed. Utility commands inspect artifacts.
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import subprocess
 import sys
 
 import click
 
-from pipeline import setup_logging
 from pipeline.config import load_params
+from pipeline.runtime import DEBUG_ENV, configure_torch, debug_enabled, report_error, setup_logging
 
 PARAMS_HELP = "params.yaml to read (default: ./params.yaml)."
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+class _Commands(click.Group):
+    """Shows an error of a command as one `Error:` line (`report_error`); the traceback
+    only with `clt --debug` or `CLT_DEBUG=1`."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:
+            if debug_enabled():
+                raise
+            ctx.exit(report_error(e))
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help=f"Show the traceback of an error (same as {DEBUG_ENV}=1).")
+def main(debug: bool) -> None:
     """Circuit tracing with cross-layer transcoders.
 
     Pipeline stages (run in order by `dvc repro`): model, dump, train, evaluate, examples,
     pack, graphs.
     """
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
     setup_logging()
 
 
-@main.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
-def model(params_path: str) -> None:
-    """Stage 0: resolve `model.name` and save it as a plain Hugging Face folder."""
-    from pipeline.model import materialize
-
-    params = load_params(params_path)
-    materialize(params.model.name, params.paths.model_dir)
-
-
-@main.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
-def dump(params_path: str) -> None:
-    """Stage 1: store every layer's MLP input and output on the corpus (Zarr, resumable)."""
-    from pipeline.dump import run
-
-    _run_stage(run, params_path)
-
-
-@main.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
-def train(params_path: str) -> None:
-    """Stage 2: train the transcoder on the stored activations and export it (resumable)."""
-    from pipeline.train import run
-
-    _run_stage(run, params_path)
-
-
-@main.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
-def evaluate(params_path: str) -> None:
-    """Stage 3: splice the transcoder into the model; CE, KL and top-1 on held-out text."""
-    from pipeline.evaluate import run
-
-    _run_stage(run, params_path)
+STAGES = {
+    "model": ("pipeline.model", "Stage 0: resolve `model.name` and save it as a plain Hugging Face folder."),
+    "dump": (
+        "pipeline.dump",
+        "Stage 1: store every layer's MLP input and output on the corpus (Zarr, resumable).",
+    ),
+    "train": (
+        "pipeline.train",
+        "Stage 2: train the transcoder on the stored activations and export it (resumable).",
+    ),
+    "evaluate": (
+        "pipeline.evaluate",
+        "Stage 3: splice the transcoder into the model; CE, KL and top-1 on held-out text.",
+    ),
+    "examples": (
+        "pipeline.examples",
+        "Stage 4: every feature's top contexts, interval and random samples, histogram, "
+        "quantiles, frequency and logit lens, from the stored activations, to Parquet.",
+    ),
+    "pack": (
+        "pipeline.featpack",
+        "Stage 5: the examples in circuit-tracer's packed feature format, for the graph frontend.",
+    ),
+    "graphs": (
+        "pipeline.graphs",
+        "Stage 6: an attribution graph (circuit-tracer JSON + PNG) for every prompt file in "
+        "`paths.prompts`; only new or changed prompts are computed. Browse them with "
+        "`circuit-tracer start-server --graph_file_dir data/graphs` (see README).",
+    ),
+}
+"""Stage command: (module whose `run(params)` it calls, help). Same code as `python -m stages.X`."""
 
 
-@main.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
-def examples(params_path: str) -> None:
-    """Stage 4: every feature's top contexts, interval and random samples, histogram,
-    quantiles, frequency and logit lens, from the stored activations, to Parquet."""
-    from pipeline.examples import run
+def _stage_command(name: str, module: str, help_text: str) -> click.Command:
+    @click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+    def command(params_path: str) -> None:
+        run = importlib.import_module(module).run
+        params = load_params(params_path)
+        configure_torch(params.runtime.num_threads)
+        run(params)
 
-    _run_stage(run, params_path)
-
-
-@main.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
-def pack(params_path: str) -> None:
-    """Stage 5: the examples in circuit-tracer's packed feature format, for the graph frontend."""
-    from pipeline.featpack import run
-
-    _run_stage(run, params_path)
+    return click.command(name, help=help_text)(command)
 
 
-@main.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
-def graphs(params_path: str) -> None:
-    """Stage 6: an attribution graph (circuit-tracer JSON + PNG) for every prompt file in
-    `paths.prompts`; only new or changed prompts are computed. Browse them with
-    `circuit-tracer start-server --graph_file_dir data/graphs` (see README)."""
-    from pipeline.graphs import run
-
-    _run_stage(run, params_path)
-
-
-def _run_stage(run, params_path: str) -> None:
-    from pipeline.stage import run_stage
-
-    run_stage(run, params_path)
+for _name, (_module, _help) in STAGES.items():
+    main.add_command(_stage_command(_name, _module, _help))
 
 
 @main.command()
@@ -109,8 +104,7 @@ def _run_stage(run, params_path: str) -> None:
 def generate(prompt: str, max_new_tokens: int, params_path: str) -> None:
     """Greedy continuations of a prompt by the original model and the replacement model
     (every MLP output replaced by the transcoder's reconstruction)."""
-    from pipeline.evaluate import generate, load_for_splicing
-    from pipeline.model import configure_torch
+    from pipeline.splice import generate, load_for_splicing
 
     params = load_params(params_path)
     configure_torch(params.runtime.num_threads)
@@ -204,15 +198,17 @@ def heatmap(layer: int, feature_index: int, text: str, output: str, params_path:
     """A PNG of a feature's activation on every token of a text; colours go up to the
     feature's largest activation in `paths.examples` when that exists."""
     from pipeline.clt import load_transcoder
-    from pipeline.examples import activations_on_text, read_feature, render_heatmap
+    from pipeline.examples import read_feature
     from pipeline.featpack import token_strings
-    from pipeline.model import configure_torch, load_model, resolve_device, resolve_dtype
+    from pipeline.heatmap import activations_on_text, render_heatmap
+    from pipeline.model import load_model
+    from pipeline.runtime import resolve_device, torch_dtype
 
     params = load_params(params_path)
     configure_torch(params.runtime.num_threads)
     transcoder = load_transcoder(params.paths.transcoder)
     device = resolve_device(params.runtime.device)
-    dtype = resolve_dtype(params.model.dtype)
+    dtype = torch_dtype(params.model.dtype)
     model, tokenizer = load_model(params.paths.model_dir, dtype=dtype, device=device)
     ids, acts = activations_on_text(model, tokenizer, transcoder, text, layer, feature_index)
     strings = token_strings(tokenizer, ids)

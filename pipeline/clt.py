@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -44,7 +46,7 @@ class CLTShape:
     """Features per layer."""
     kind: Literal["clt", "plt"] = "clt"
     activation: Literal["jumprelu", "topk", "batchtopk"] = "jumprelu"
-    k: int = 64
+    k: int = 32
     """Active features per layer and token for `topk` / `batchtopk`."""
 
     def n_out(self, layer: int) -> int:
@@ -330,6 +332,52 @@ class CrossLayerTranscoder(nn.Module):
     def config_dict(self) -> dict:
         return asdict(self.shape)
 
+    # --- inference on raw activations (an exported transcoder, `load_transcoder`) ---------
+
+    def source_layers(self, target: int) -> range:
+        """The layers whose decoders write to `target`: all layers <= target (clt), or target (plt)."""
+        return range(target + 1) if self.shape.kind == "clt" else range(target, target + 1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Every layer's features: x (n_tokens, n_layers, d_model) -> (n_layers, n_tokens, d_tc)."""
+        return self.activate(self.pre_acts(x))
+
+    def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """One layer's features from its MLP input (JumpReLU): x (..., d_model) -> (..., d_tc)."""
+        h = x @ self.W_enc[layer] + self.b_enc[layer]
+        return h * (h > self.threshold[layer])
+
+    def decode_layer(
+        self, acts: Mapping[int, torch.Tensor] | Sequence[torch.Tensor], target: int
+    ) -> torch.Tensor:
+        """Reconstruction of layer `target`'s MLP output: sum over source layers l of
+        acts[l] @ W_dec[l][:, target - l] + b_dec[target]. acts[l] (..., d_tc) -> (..., d_model)."""
+        out = self.b_dec[target]
+        for l in self.source_layers(target):
+            out = out + acts[l] @ self.W_dec[l][:, target - l if self.shape.kind == "clt" else 0]
+        return out
+
+    def check_fits(self, n_layers: int, d_model: int, *, where: str, other: str) -> None:
+        """A clear error unless this transcoder (loaded from `where`) has the `n_layers` and
+        `d_model` of `other` (a model or an activation store, described for the message)."""
+        shape = self.shape
+        if (shape.n_layers, shape.d_model) != (n_layers, d_model):
+            raise ValueError(
+                f"transcoder {where} has n_layers={shape.n_layers}, d_model={shape.d_model}, but "
+                f"{other} has n_layers={n_layers}, d_model={d_model}: it was trained for another "
+                "model; re-run `dvc repro train` or point `paths.transcoder` at one for this model"
+            )
+
+    def check_raw(self, where: str) -> None:
+        """A clear error unless this is a raw-space JumpReLU transcoder (what `export` writes)."""
+        if self.shape.activation != "jumprelu":
+            raise ValueError(f"transcoder {where} uses {self.shape.activation}; export it (JumpReLU) first")
+        if not (bool((self.input_scale == 1).all()) and bool((self.output_scale == 1).all())):
+            raise ValueError(
+                f"transcoder {where} works in a normalised space; use the one `load_transcoder` reads "
+                "back from an exported folder (raw space)"
+            )
+
 
 HOOKS = {"feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out"}
 
@@ -365,10 +413,21 @@ def export_transcoder(
     and `W_dec_{i}.safetensors` (W_dec_i [d_tc, n_layers - i, d_model]).
     `plt`: `layer_{i}.safetensors` (W_enc, W_dec [d_tc, d_model], b_enc, b_dec,
     activation_function.threshold). Plus `config.yaml`.
+
+    Its `scan` (where the frontend asks for feature examples) is a portable name, never a
+    path (FORMATS.md §3): by default `./feature-data/<name>` with <name> the model's name
+    without folders or `.gguf` (`smollm2-135m-instruct`, `org/SmolLM2` -> `SmolLM2`).
     """
     import yaml
     from safetensors.torch import save_file
 
+    if scan is None:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model_name).name.removesuffix(".gguf")).strip(".-")
+        scan = f"./feature-data/{name or 'model'}"
+    elif os.path.isabs(scan):
+        raise ValueError(
+            f"`scan` must be a portable name such as ./feature-data/<name>, not the path {scan!r}"
+        )
     if model.shape.activation != "jumprelu":
         raise ValueError("only JumpReLU transcoders can be exported; calibrate thresholds first")
     out = Path(out)
@@ -403,9 +462,8 @@ def export_transcoder(
         "model_kind": "cross_layer_transcoder" if model.shape.kind == "clt" else "transcoder_set",
         **HOOKS,
         "model_name": model_name,
+        "scan": scan,  # always set: circuit-tracer would fall back to the folder's own path
     }
-    if scan is not None:  # circuit-tracer falls back to the folder's own path when absent
-        config["scan"] = scan
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     if out.exists():
         shutil.rmtree(out)
@@ -427,8 +485,8 @@ def load_transcoder(folder: str | Path) -> CrossLayerTranscoder:
     kind = {"cross_layer_transcoder": "clt", "transcoder_set": "plt"}.get(config.get("model_kind"))
     if kind is None:
         raise ValueError(f"{folder}/config.yaml has unknown model_kind {config.get('model_kind')!r}")
+    n_layers = _check_files(folder, ("W_enc", "W_dec") if kind == "clt" else ("layer",))
     if kind == "clt":
-        n_layers = len(list(folder.glob("W_enc_*.safetensors")))
         enc = [load_file(folder / f"W_enc_{i}.safetensors") for i in range(n_layers)]
         dec = [load_file(folder / f"W_dec_{i}.safetensors")[f"W_dec_{i}"] for i in range(n_layers)]
         W_enc = [e[f"W_enc_{i}"] for i, e in enumerate(enc)]
@@ -436,7 +494,6 @@ def load_transcoder(folder: str | Path) -> CrossLayerTranscoder:
         b_dec = [e[f"b_dec_{i}"] for i, e in enumerate(enc)]
         threshold = [e[f"threshold_{i}"] for i, e in enumerate(enc)]
     else:
-        n_layers = len(list(folder.glob("layer_*.safetensors")))
         layers = [load_file(folder / f"layer_{i}.safetensors") for i in range(n_layers)]
         W_enc = [t["W_enc"] for t in layers]
         b_enc = [t["b_enc"] for t in layers]
@@ -453,3 +510,23 @@ def load_transcoder(folder: str | Path) -> CrossLayerTranscoder:
         for W, d in zip(model.W_dec, dec):
             W.copy_(d)
     return model
+
+
+def _check_files(folder: Path, prefixes: tuple[str, ...]) -> int:
+    """The number of layers of an exported folder whose files are `{prefix}_{i}.safetensors`;
+    a clear error naming the folder and every missing file unless all are there."""
+    indices = {
+        int(m.group(1))
+        for prefix in prefixes
+        for path in folder.glob(f"{prefix}_*.safetensors")
+        if (m := re.fullmatch(rf"{prefix}_(\d+)\.safetensors", path.name))
+    }
+    expected = [f"{p}_{i}.safetensors" for i in range(max(indices, default=-1) + 1) for p in prefixes]
+    missing = [name for name in expected if not (folder / name).is_file()]
+    if not indices or missing:
+        what = ", ".join(missing) if missing else f"any {' or '.join(p + '_*' for p in prefixes)}.safetensors"
+        raise FileNotFoundError(
+            f"transcoder folder {folder} is incomplete: missing {what}; re-run `dvc repro train` "
+            "(or `dvc pull` it)"
+        )
+    return len(expected) // len(prefixes)

@@ -1,8 +1,14 @@
 """Typed, validated views of `params.yaml`: one frozen dataclass per section.
 
-This module is the only reader of `params.yaml`. Every value is checked when it is
-loaded: an unknown key (a typo), a wrong type or an out-of-range value raises a
-`ValueError` that names `section.key`, what was found and what is allowed.
+This module is the only reader of `params.yaml`. Every value is checked when a section is
+built, from `params.yaml` or directly in Python: an unknown key (a typo), a wrong type or an
+out-of-range value raises a `ParamsError` (a `ValueError`) that names `section.key`, what
+was found and what is allowed.
+
+A field's allowed range is declared next to it, `n_steps: Annotated[int, Ge(1)] = 800`, and
+enforced by one generic check (`Section.__post_init__`); a `Hint` is appended to the field's
+errors. The few rules that are not a range (a multiple of another key, a pattern) live in the
+section's `_check`.
 """
 
 from __future__ import annotations
@@ -13,21 +19,137 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 
+ComputeDTypeName = Literal["bfloat16", "float32"]
+"""Dtype of a transcoder's matmuls; its parameters stay float32."""
+
+
+class ParamsError(ValueError):
+    """A bad value in `params.yaml`, or in a section built in Python: the message names
+    `section.key`, what was found and what is allowed."""
+
 
 def _fail(where: str, msg: str) -> typing.NoReturn:
-    raise ValueError(f"`{where}` {msg}")
+    raise ParamsError(f"`{where}` {msg}")
 
 
 @dataclass(frozen=True)
-class PathsConfig:
+class Bound:
+    """Range marker for `Annotated`: a lower or upper bound on a field, inclusive or not
+    (written `Ge(1)`, `Gt(0)`, `Le(9)`, `Lt(1)`)."""
+
+    value: float
+    lower: bool
+    inclusive: bool
+
+    def admits(self, x) -> bool:
+        if self.lower:
+            return x >= self.value if self.inclusive else x > self.value
+        return x <= self.value if self.inclusive else x < self.value
+
+
+def Ge(value: float) -> Bound:
+    return Bound(value, lower=True, inclusive=True)
+
+
+def Gt(value: float) -> Bound:
+    return Bound(value, lower=True, inclusive=False)
+
+
+def Le(value: float) -> Bound:
+    return Bound(value, lower=False, inclusive=True)
+
+
+def Lt(value: float) -> Bound:
+    return Bound(value, lower=False, inclusive=False)
+
+
+@dataclass(frozen=True)
+class Hint:
+    """Marker for `Annotated`: advice appended to every error of the field (`...; {text}`)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class _FieldSpec:
+    """A section field's type without its markers, and the markers."""
+
+    tp: Any
+    lower: Bound | None
+    upper: Bound | None
+    hint: str | None
+
+
+@cache
+def _field_specs(cls: type) -> dict[str, _FieldSpec]:
+    """Each field of section `cls`, read from its `Annotated[...]` type."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    specs = {}
+    for f in dataclasses.fields(cls):
+        tp, marks = hints[f.name], ()
+        if typing.get_origin(tp) is Annotated:
+            tp, *marks = typing.get_args(tp)
+        (lower,) = [m for m in marks if isinstance(m, Bound) and m.lower] or [None]  # at most one of each
+        (upper,) = [m for m in marks if isinstance(m, Bound) and not m.lower] or [None]
+        (hint,) = [m.text for m in marks if isinstance(m, Hint)] or [None]
+        specs[f.name] = _FieldSpec(tp, lower, upper, hint)
+    return specs
+
+
+def _check_range(where: str, value: Any, spec: _FieldSpec) -> None:
+    """Raise naming `where` unless `value` lies within the field's declared bounds."""
+    lo, hi = spec.lower, spec.upper
+    if all(b is None or b.admits(value) for b in (lo, hi)):
+        return
+    if lo is not None and hi is not None:
+        if lo.inclusive and hi.inclusive and spec.tp is int:
+            allowed = f"in {lo.value}..{hi.value}"
+        else:
+            left, right = "[" if lo.inclusive else "(", "]" if hi.inclusive else ")"
+            allowed = f"in {left}{lo.value}, {hi.value}{right}"
+    else:
+        bound = lo or hi
+        allowed = f"{'>' if bound.lower else '<'}{'=' if bound.inclusive else ''} {bound.value}"
+    _fail(where, f"must be {allowed}, got {value}")
+
+
+class Section:
+    """Base of the section dataclasses: every field is checked when an instance is made, however
+    it is made (`params.yaml`, `dataclasses.replace`, `TrainConfig(k=4)` in a test)."""
+
+    _section: ClassVar[str]
+    """The section's name in `params.yaml`, the `section` of every error's `section.key`."""
+
+    def __post_init__(self):
+        for name, spec in _field_specs(type(self)).items():
+            where = f"{self._section}.{name}"
+            try:
+                value = _check_type(where, getattr(self, name), spec.tp)
+                _check_range(where, value, spec)
+            except ValueError as e:
+                if spec.hint is None:
+                    raise
+                raise ParamsError(f"{e}; {spec.hint}") from None
+            object.__setattr__(self, name, value)  # a lossless conversion, e.g. int to float
+        self._check()
+
+    def _check(self) -> None:
+        """The section's rules that are not a field's range; run once every field has passed."""
+
+
+@dataclass(frozen=True)
+class PathsConfig(Section):
     """Where each stage reads and writes; `dvc.yaml` interpolates the same values."""
+
+    _section = "paths"
 
     model_dir: str = "data/model"
     """The resolved model, materialised as a plain Hugging Face folder."""
@@ -40,7 +162,7 @@ class PathsConfig:
     examples: str = "data/examples"
     """Parquet tables of every feature's examples and statistics, written by `examples`."""
     features: str = "data/features"
-    """Packed features in circuit-tracer's binary format (FORMATS.md §3), written by `pack`."""
+    """Packed features in circuit-tracer's binary format (docs/formats.md), written by `pack`."""
     prompts: str = "data/prompts"
     """Folder of `*.txt` prompts, one per file; the file name (without .txt) is the graph's slug."""
     graphs: str = "data/graphs"
@@ -48,8 +170,10 @@ class PathsConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     """Which language model to trace."""
+
+    _section = "model"
 
     name: str = "smollm2-135m-instruct"
     """A built-in alias (see `pipeline.model.ALIASES`), a Hugging Face id, a local Hugging
@@ -59,43 +183,38 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class CorpusConfig:
+class CorpusConfig(Section):
     """The text the activations are computed on."""
 
-    path: str = "data/corpus/default.jsonl.gz"
+    _section = "corpus"
+
+    path: Annotated[str, Hint("name a file, a folder or an `hf:` dataset")] = "data/corpus/default.jsonl.gz"
     """A .txt / .jsonl(.gz) / .parquet file, a folder of them, or `hf:<dataset id>[:split]`."""
     text_field: str = "text"
     """Column or JSON key holding the text (jsonl, parquet, Hugging Face datasets)."""
-    context_len: int = 128
+    context_len: Annotated[int, Ge(2), Hint("a sequence is BOS plus at least one token")] = 128
     """Tokens per packed sequence, BOS at position 0 included."""
-
-    def __post_init__(self):
-        if self.context_len < 2:
-            _fail("corpus.context_len", f"must be >= 2 (BOS plus one token), got {self.context_len}")
-        if not self.path:
-            _fail("corpus.path", "must name a file, folder or `hf:` dataset, got ''")
 
 
 @dataclass(frozen=True)
-class DumpConfig:
+class DumpConfig(Section):
     """The `dump` stage: model activations to a sharded Zarr store."""
 
-    n_tokens: int = 98304
+    _section = "dump"
+
+    n_tokens: Annotated[int, Ge(1)] = 98304
     """Tokens to store (rounded down to whole sequences); sized for the disk budget:
     each token stores 2 x n_layers x d_model values."""
-    batch_size: int = 16
+    batch_size: Annotated[int, Ge(1)] = 16
     """Sequences per forward pass."""
-    shard_tokens: int = 8192
+    shard_tokens: Annotated[int, Ge(1)] = 8192
     """Tokens per shard file (one file per shard per array); a multiple of `chunk_tokens`."""
-    chunk_tokens: int = 512
+    chunk_tokens: Annotated[int, Ge(1)] = 512
     """Tokens per inner chunk (the unit a reader can fetch without the whole shard)."""
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Storage dtype; bfloat16 is stored as uint16 with a `logical_dtype` attribute."""
 
-    def __post_init__(self):
-        for key in ("n_tokens", "batch_size", "shard_tokens", "chunk_tokens"):
-            if getattr(self, key) < 1:
-                _fail(f"dump.{key}", f"must be >= 1, got {getattr(self, key)}")
+    def _check(self):
         if self.shard_tokens % self.chunk_tokens:
             _fail(
                 "dump.shard_tokens",
@@ -104,8 +223,10 @@ class DumpConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """The `train` stage: the transcoder, its loss and its optimisation."""
+
+    _section = "train"
 
     kind: Literal["clt", "plt"] = "clt"
     """`clt`: cross-layer (each layer decodes to itself and every later layer);
@@ -113,35 +234,35 @@ class TrainConfig:
     activation: Literal["jumprelu", "topk", "batchtopk"] = "jumprelu"
     """JumpReLU (trained thresholds, the paper's), or TopK / BatchTopK (converted to
     JumpReLU thresholds with the same per-layer L0 at export)."""
-    d_transcoder: int = 256
+    d_transcoder: Annotated[int, Ge(1)] = 256
     """Features per layer."""
-    k: int = 32
+    k: Annotated[int, Ge(1)] = 32
     """Active features per layer and token for topk / batchtopk."""
-    n_steps: int = 800
+    n_steps: Annotated[int, Ge(1)] = 800
     """Optimiser steps."""
-    batch_size: int = 1024
+    batch_size: Annotated[int, Ge(1)] = 1024
     """Tokens per step."""
-    lr: float = 2e-3
+    lr: Annotated[float, Gt(0), Lt(1), Hint("1e-4 to 1e-2 is typical (default 2e-3)")] = 2e-3
     """Adam learning rate (linear warm-up over `warmup_steps`, linear decay over the last 20%)."""
-    warmup_steps: int = 20
+    warmup_steps: Annotated[int, Ge(0)] = 20
     """Steps of the learning rate's linear warm-up (see `lr`)."""
-    sparsity_coef: float = 1.0
+    sparsity_coef: Annotated[float, Ge(0)] = 1.0
     """lambda of the sparsity penalty lambda * tanh(c * ||W_dec_f|| * a_f), ramped linearly
     from 0 over the whole run (jumprelu only)."""
-    sparsity_c: float = 1.0
+    sparsity_c: Annotated[float, Gt(0)] = 1.0
     """c inside the tanh of the sparsity penalty."""
-    pre_act_coef: float = 3e-6
+    pre_act_coef: Annotated[float, Ge(0)] = 3e-6
     """Coefficient of relu(threshold - h) * ||W_dec_f||, which revives dead features."""
-    init_threshold: float = 0.1
+    init_threshold: Annotated[float, Gt(0)] = 0.1
     """Initial JumpReLU threshold in the normalised space (inputs have E||x|| = sqrt(d_model))."""
-    init_rate: float = 0.05
+    init_rate: Annotated[float, Gt(0), Lt(1)] = 0.05
     """b_enc is initialised so each feature fires on this fraction of tokens."""
-    bandwidth: float = 0.1
+    bandwidth: Annotated[float, Gt(0)] = 0.1
     """Width of the threshold's straight-through rectangle kernel, relative to the standard
     deviation of the pre-activations at initialisation."""
-    val_fraction: float = 0.05
+    val_fraction: Annotated[float, Gt(0), Lt(1)] = 0.05
     """Fraction of documents held out for validation (and for `evaluate`)."""
-    buffer_shards: int = 2
+    buffer_shards: Annotated[int, Ge(1)] = 2
     """Shards shuffled together; more mixes better and costs memory (~0.5 GB per shard)."""
     max_norm_ratio: float = 100.0
     """Leave out of training the tokens whose MLP output norm at some layer exceeds this
@@ -150,161 +271,125 @@ class TrainConfig:
     sparse_decoder: bool = False
     """Token-level sparse decoder: touch only the active (token, feature) pairs (same result;
     pays only when L0 is a small fraction of `d_transcoder`, see `python -m bench.train`)."""
-    autocast: bool = True
-    """Compute the transcoder in bfloat16 (encoder and dense decoder matmuls, 2.3x the
-    tokens/s of float32 at batch 1024 on an AMX CPU); parameters, optimizer state, the
-    JumpReLU threshold and the loss stay float32."""
-    checkpoint_every: int = 50
+    compute_dtype: ComputeDTypeName = "bfloat16"
+    """Compute dtype of the transcoder's matmuls (encoder and dense decoder; bfloat16 gives
+    2.3x the tokens/s of float32 at batch 1024 on an AMX CPU); parameters, optimizer state,
+    the JumpReLU threshold and the loss stay float32."""
+    checkpoint_every: Annotated[int, Ge(1)] = 50
     """Steps between checkpoints (a killed run resumes from the last one)."""
     seed: int = 0
     """Seed of the initialisation and of the data order (the same seed retrains bit for bit)."""
 
-    def __post_init__(self):
-        positive = ("d_transcoder", "k", "n_steps", "batch_size", "buffer_shards", "checkpoint_every")
-        for key in positive:
-            if getattr(self, key) < 1:
-                _fail(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+    def _check(self):
         if self.activation != "jumprelu" and self.k > self.d_transcoder:
             _fail("train.k", f"must be <= `train.d_transcoder` ({self.d_transcoder}), got {self.k}")
-        if not 0 < self.lr < 1:
-            _fail("train.lr", f"must be in (0, 1), got {self.lr}; 1e-4 to 1e-2 is typical (default 2e-3)")
-        for key in ("sparsity_coef", "pre_act_coef", "warmup_steps"):
-            if getattr(self, key) < 0:
-                _fail(f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         if self.max_norm_ratio != 0 and self.max_norm_ratio <= 1:
             _fail(
                 "train.max_norm_ratio",
                 "must be 0 (keep every token) or > 1 (a multiple of the median norm), "
                 f"got {self.max_norm_ratio}",
             )
-        for key in ("sparsity_c", "init_threshold", "bandwidth"):
-            if getattr(self, key) <= 0:
-                _fail(f"train.{key}", f"must be > 0, got {getattr(self, key)}")
-        for key in ("init_rate", "val_fraction"):
-            if not 0 < getattr(self, key) < 1:
-                _fail(f"train.{key}", f"must be in (0, 1), got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(Section):
     """The `evaluate` stage: the transcoder spliced into the model, on held-out text."""
 
-    n_sequences: int = 16
+    _section = "evaluate"
+
+    n_sequences: Annotated[int, Ge(1)] = 16
     """Held-out sequences to evaluate on: the first ones in the activation store whose every
     token (BOS aside) comes from a validation document (`train.val_fraction`)."""
-    batch_size: int = 8
+    batch_size: Annotated[int, Ge(1)] = 8
     """Sequences per forward pass (each batch runs 3 + n_layers forward passes)."""
-
-    def __post_init__(self):
-        for key in ("n_sequences", "batch_size"):
-            if getattr(self, key) < 1:
-                _fail(f"evaluate.{key}", f"must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
-class ExamplesConfig:
+class ExamplesConfig(Section):
     """The `examples` stage: every feature's activating contexts and activation statistics,
     computed from the stored MLP inputs with the exported transcoder."""
 
-    n_tokens: int = 0
+    _section = "examples"
+
+    n_tokens: Annotated[int, Ge(0)] = 0
     """Stored tokens to scan from the start, rounded down to whole sequences; 0 scans all."""
-    top_k: int = 20
+    top_k: Annotated[int, Ge(1)] = 20
     """Top-activating contexts per feature; a context is a stored sequence, shown around the
     token where the feature is largest, so at most one example per sequence."""
-    context_before: int = 16
+    context_before: Annotated[int, Ge(0)] = 16
     """Tokens shown before the max-activating token (fewer at a sequence's start; BOS never)."""
-    context_after: int = 8
+    context_after: Annotated[int, Ge(0)] = 8
     """Tokens shown after the max-activating token (fewer at a sequence's end)."""
-    n_intervals: int = 5
+    n_intervals: Annotated[int, Ge(1), Le(64)] = 5
     """Activation intervals between the feature's smallest and largest activation from which
     contexts are sampled uniformly (their edges fall on a power-of-two grid, see
-    `pipeline/examples.py`)."""
-    examples_per_interval: int = 5
+    `pipeline/examples/stats.py`)."""
+    examples_per_interval: Annotated[int, Ge(1)] = 5
     """Contexts sampled from each interval."""
-    n_random: int = 5
+    n_random: Annotated[int, Ge(0)] = 5
     """Contexts sampled uniformly from all contexts where the feature fires."""
-    histogram_bins: int = 32
+    histogram_bins: Annotated[int, Ge(1)] = 32
     """Bins of the activation histogram over [act_min, act_max]."""
-    logit_k: int = 10
+    logit_k: Annotated[int, Ge(1)] = 10
     """Top and bottom output tokens of each feature's logit lens."""
-    autocast: bool = True
-    """bfloat16 encoder matmul (~4x faster on AMX CPUs; activations agree to ~3 digits)."""
+    compute_dtype: ComputeDTypeName = "bfloat16"
+    """Compute dtype of the encoder matmul (bfloat16 is ~4x faster than float32 on AMX CPUs;
+    activations agree to ~3 digits)."""
     seed: int = 0
     """Seed of the random sampling (intervals and random examples)."""
 
-    def __post_init__(self):
-        positive = ("top_k", "n_intervals", "examples_per_interval", "histogram_bins", "logit_k")
-        for key in positive:
-            if getattr(self, key) < 1:
-                _fail(f"examples.{key}", f"must be >= 1, got {getattr(self, key)}")
-        for key in ("n_tokens", "context_before", "context_after", "n_random"):
-            if getattr(self, key) < 0:
-                _fail(f"examples.{key}", f"must be >= 0, got {getattr(self, key)}")
-        if self.n_intervals > 64:
-            _fail("examples.n_intervals", f"must be <= 64, got {self.n_intervals}")
-
 
 @dataclass(frozen=True)
-class PackConfig:
-    """The `pack` stage: the examples in circuit-tracer's packed feature format (FORMATS.md §3)."""
+class PackConfig(Section):
+    """The `pack` stage: the examples in circuit-tracer's packed feature format (docs/formats.md)."""
 
-    compresslevel: int = 6
+    _section = "pack"
+
+    compresslevel: Annotated[int, Ge(1), Le(9)] = 6
     """gzip level of each feature record (1 fastest to 9 smallest)."""
 
-    def __post_init__(self):
-        if not 1 <= self.compresslevel <= 9:
-            _fail("pack.compresslevel", f"must be in 1..9, got {self.compresslevel}")
-
 
 @dataclass(frozen=True)
-class GraphsConfig:
+class GraphsConfig(Section):
     """The `graphs` stage: one attribution graph per prompt file (see `pipeline/graphs.py`)."""
 
-    max_n_logits: int = 10
+    _section = "graphs"
+
+    max_n_logits: Annotated[int, Ge(1)] = 10
     """Most logit targets per graph."""
-    desired_logit_prob: float = 0.95
+    desired_logit_prob: Annotated[float, Gt(0), Le(1)] = 0.95
     """Logit targets are added, most likely first, until their probabilities add up to this."""
-    max_feature_nodes: int = 1024
+    max_feature_nodes: Annotated[int, Ge(1)] = 1024
     """Features that get their own incoming edges, visited in order of influence on the logits."""
-    batch_size: int = 256
+    batch_size: Annotated[int, Ge(1)] = 256
     """Targets per batched backward pass (memory grows with batch_size * n_pos * n_layers * d_model)."""
-    update_interval: int = 4
+    update_interval: Annotated[int, Ge(1)] = 4
     """Batches between re-estimates of feature influence."""
-    node_threshold: float = 0.8
+    node_threshold: Annotated[float, Gt(0), Le(1)] = 0.8
     """Pruning keeps the nodes that make up this fraction of the influence on the logits."""
-    edge_threshold: float = 0.98
+    edge_threshold: Annotated[float, Gt(0), Le(1)] = 0.98
     """Pruning keeps the edges that make up this fraction of the remaining influence."""
-    max_n_pos: int = 128
+    max_n_pos: Annotated[int, Ge(2), Hint("a prompt is BOS plus at least one token")] = 128
     """Longest prompt in tokens, BOS included (cost grows with it); also capped by the model's context."""
     png: bool = True
     """Also draw each pruned graph as `{slug}.png`."""
 
-    def __post_init__(self):
-        for key in ("max_n_logits", "max_feature_nodes", "batch_size", "update_interval"):
-            if getattr(self, key) < 1:
-                _fail(f"graphs.{key}", f"must be >= 1, got {getattr(self, key)}")
-        if self.max_n_pos < 2:
-            _fail("graphs.max_n_pos", f"must be >= 2 (BOS plus one token), got {self.max_n_pos}")
-        for key in ("desired_logit_prob", "node_threshold", "edge_threshold"):
-            if not 0.0 < getattr(self, key) <= 1.0:
-                _fail(f"graphs.{key}", f"must be in (0, 1], got {getattr(self, key)}")
-
 
 @dataclass(frozen=True)
-class RuntimeConfig:
+class RuntimeConfig(Section):
     """Where and how to run; not a dependency of any stage (results do not depend on it
     beyond floating-point noise), so changing it re-runs nothing."""
 
+    _section = "runtime"
+
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
-    num_threads: int = 0
+    num_threads: Annotated[int, Ge(0)] = 0
     """CPU threads for torch; 0 keeps torch's default (one per core)."""
 
-    def __post_init__(self):
+    def _check(self):
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             _fail("runtime.device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.num_threads < 0:
-            _fail("runtime.num_threads", f"must be >= 0, got {self.num_threads}")
 
 
 @dataclass(frozen=True)
@@ -378,13 +463,13 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {where}")
 
 
-def build_section(cls: type, name: str, raw: Any):
-    """Build dataclass `cls` for section `name` from the mapping `raw`, validating it."""
+def build_section(cls: type[Section], name: str, raw: Any):
+    """Build section `cls`, named `name`, from the mapping `raw`: unknown keys are rejected
+    here, types and ranges by `Section.__post_init__`."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         _fail(name, f"must be a mapping of keys to values, got {raw!r}")
-    hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - fields)
     if unknown:
@@ -392,14 +477,13 @@ def build_section(cls: type, name: str, raw: Any):
             f"{name}.{unknown[0]}",
             f"is not a known key of `{name}`; known keys: {', '.join(sorted(fields))}",
         )
-    kwargs = {k: _check_type(f"{name}.{k}", v, hints[k]) for k, v in raw.items()}
-    return cls(**kwargs)
+    return cls(**raw)
 
 
 def parse_params(raw: dict[str, Any]) -> Params:
     """Validate a parsed `params.yaml` mapping; sections this version does not know are an error."""
     if not isinstance(raw, dict):
-        raise ValueError(f"params.yaml must be a mapping of sections, got {type(raw).__name__}")
+        raise ParamsError(f"params.yaml must be a mapping of sections, got {type(raw).__name__}")
     hints = typing.get_type_hints(Params)
     known = {f.name for f in dataclasses.fields(Params)}
     unknown = sorted(set(raw) - known)

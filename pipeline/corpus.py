@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,19 +56,56 @@ def _files(root: Path) -> list[Path]:
     return [root]
 
 
+def _not_utf8(path: Path, e: UnicodeDecodeError, offset: int, lineno: int) -> ValueError:
+    """The error for a corpus file that is not UTF-8: bad bytes at `offset` (+ `e.start`)
+    of `path`'s (decompressed) contents, on line `lineno`."""
+    where = "decompressed byte" if path.name.endswith(".gz") else "byte"
+    return ValueError(
+        f"corpus file {path} is not UTF-8: {where} {offset + e.start} (line {lineno}) is "
+        f"{e.object[e.start : e.start + 1]!r} ({e.reason}); save it as UTF-8"
+    )
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e, 0, data.count(b"\n", 0, e.start) + 1) from e
+
+
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    offset = 0
+    with opener(path, "rb") as f:
+        for lineno, raw in _lines(f, path):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, e, offset, lineno) from e
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno} is not valid JSON: {e}") from e
+                raise ValueError(
+                    f"{path}:{lineno} is not valid JSON ({e}); each line must be one JSON object: "
+                    "fix or remove that line"
+                ) from e
             if not isinstance(record, dict) or text_field not in record:
                 raise ValueError(f"{path}:{lineno} has no key {text_field!r}; set `corpus.text_field`")
             yield record[text_field]
+
+
+def _lines(f, path: Path) -> Iterator[tuple[int, bytes]]:
+    """`(line number, line)` of the open (binary) file `f`; a damaged .gz is a clear error."""
+    try:
+        yield from enumerate(f, 1)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(
+            f"corpus file {path} is not a valid gzip file ({e}); re-create or re-download it"
+        ) from e
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
@@ -100,7 +138,7 @@ def iter_documents(path: str, text_field: str = "text") -> Iterator[str]:
         return
     for file in _files(Path(path)):
         if file.suffix == ".txt":
-            yield file.read_text(encoding="utf-8")
+            yield _read_text(file)
         elif file.suffix == ".parquet":
             yield from _read_parquet(file, text_field)
         else:

@@ -14,9 +14,11 @@ output to the activation store.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,9 +34,8 @@ from pipeline.model import (
     get_trunk,
     load_model,
     max_context,
-    resolve_device,
-    resolve_dtype,
 )
+from pipeline.runtime import resolve_device, torch_dtype
 from pipeline.store import (
     ACTIVATIONS,
     StoreSchema,
@@ -168,11 +169,41 @@ def dump_activations(
     return writer.finalize()
 
 
+def check_materialised(model_dir: str | Path, name: str) -> None:
+    """Refuse a model folder that the model stage did not materialise from `model.name`
+    `name` (it records the name in `source.json`), so `dump` never runs a stale model.
+
+    A `model.name` that is the folder `model_dir` itself needs no record.
+    """
+    model_dir = Path(model_dir)
+    fix = "run `dvc repro model` (or `clt model`) first"
+    if model_dir.resolve() == Path(name).expanduser().resolve():
+        return
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder {model_dir} (`paths.model_dir`) does not exist; {fix}")
+    source = model_dir / "source.json"
+    if not source.is_file():
+        raise ValueError(
+            f"{model_dir} has no source.json, so the model stage did not materialise it from "
+            f"`model.name` {name!r}; {fix}"
+        )
+    try:
+        found = json.loads(source.read_text())["model.name"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{source} does not record a `model.name` ({e!r}); {fix}") from e
+    if found != name:
+        raise ValueError(
+            f"`model.name` is {name!r} but {model_dir} holds {found!r} (materialised by the model "
+            f"stage); {fix}"
+        )
+
+
 def run(params: Params, *, progress: bool = True):
     """The `dump` stage: pack the corpus and store the model's activations on it."""
+    check_materialised(params.paths.model_dir, params.model.name)
     device = resolve_device(params.runtime.device)
     model, tokenizer = load_model(
-        params.paths.model_dir, dtype=resolve_dtype(params.model.dtype), device=device
+        params.paths.model_dir, dtype=torch_dtype(params.model.dtype), device=device
     )
     limit = max_context(model.config)
     if limit is not None and params.corpus.context_len > limit:

@@ -1,38 +1,26 @@
-"""Splicing the transcoder into the language model and measuring what it preserves.
-
-The replacement model of Ameisen et al., "Circuit Tracing" (2025),
-https://transformer-circuits.pub/2025/attribution-graphs/methods.html#building-replacement-model:
+"""How much of the model's next-token behaviour the spliced transcoder keeps.
 
 1. `held_out_sequences`: packed sequences from the activation store whose every token
    (BOS aside) comes from a validation document (`train.val_fraction`), so the
    transcoder never trained on them.
-2. `splice`: forward hooks replace MLP block outputs (`hook_mlp_out`) by the transcoder's
-   reconstruction. A pre-hook on each layer's MLP input (`hook_resid_mid`) encodes that
-   layer's features from the *replacement model's own* residual stream
-   (`encode_layer`); the hook on the MLP output of layer l decodes the features of every
-   layer <= l (`decode_layer`), which have all run by then. Splicing one layer only
-   replaces that layer's output; its features still come from layers <= l of a model
-   that is unchanged up to l. `zero_ablate` sets MLP outputs to 0 instead.
-   Position 0 (BOS) always keeps the original MLP output: training excluded BOS rows, and
-   circuit-tracer likewise zeroes features at position 0.
-3. `evaluate_transcoder`: per batch, the original model, the full replacement, the
-   zero-ablated model and each single-layer splice; over the next-token predictions made
-   at positions >= 1 (not from BOS) it accumulates cross-entropy, KL(original ||
-   intervened) and top-1 agreement with the original. CE-loss recovered is
-   (CE_zero - CE) / (CE_zero - CE_original): 1 for a perfect transcoder, 0 for one no
-   better than deleting the MLPs.
+2. `evaluate_transcoder`: per batch, the original model, the full replacement
+   (`pipeline.splice.splice`, every MLP output replaced by the transcoder's
+   reconstruction), the zero-ablated model and each single-layer splice; over the
+   next-token predictions made at positions >= 1 (not from BOS) it accumulates
+   cross-entropy, KL(original || intervened) and top-1 agreement with the original.
+   CE-loss recovered is (CE_zero - CE) / (CE_zero - CE_original): 1 for a perfect
+   transcoder, 0 for one no better than deleting the MLPs.
 
-The model runs in `model.dtype`; the transcoder runs in float32 (inputs cast up, its
-reconstructions cast back to the model dtype), and log-softmax is taken in float32.
+The model runs in `model.dtype`, the transcoder in float32, and log-softmax is taken in
+float32.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,117 +28,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.clt import CrossLayerTranscoder, load_transcoder
+from pipeline.clt import CrossLayerTranscoder
 from pipeline.config import Params
 from pipeline.loader import split_mask
-from pipeline.model import (
-    bos_token_id,
-    get_architecture,
-    get_layers,
-    load_model,
-    resolve_device,
-    resolve_dtype,
-)
+from pipeline.splice import load_for_splicing, splice, zero_ablate
 from pipeline.store import ActivationStore
 
 logger = logging.getLogger(__name__)
-
-
-def encode_layer(transcoder: CrossLayerTranscoder, x: torch.Tensor, layer: int) -> torch.Tensor:
-    """Features of one layer from its MLP input (raw space, JumpReLU): x (..., d_model) -> (..., d_tc)."""
-    h = x @ transcoder.W_enc[layer] + transcoder.b_enc[layer]
-    return h * (h > transcoder.threshold[layer])
-
-
-def source_layers(transcoder: CrossLayerTranscoder, target: int) -> range:
-    """The layers whose decoders write to `target`: all layers <= target (clt), or target (plt)."""
-    return range(target + 1) if transcoder.shape.kind == "clt" else range(target, target + 1)
-
-
-def decode_layer(
-    transcoder: CrossLayerTranscoder, acts: Mapping[int, torch.Tensor] | Sequence[torch.Tensor], target: int
-) -> torch.Tensor:
-    """Reconstruction of layer `target`'s MLP output: sum over source layers l of
-    acts[l] @ W_dec[l][:, target - l] + b_dec[target]. acts[l] (..., d_tc) -> (..., d_model)."""
-    out = transcoder.b_dec[target]
-    for l in source_layers(transcoder, target):
-        out = out + acts[l] @ transcoder.W_dec[l][:, target - l if transcoder.shape.kind == "clt" else 0]
-    return out
-
-
-def check_compatible(transcoder: CrossLayerTranscoder, model: nn.Module, where: str) -> None:
-    """A clear error unless `transcoder` (loaded from `where`) is a raw-space JumpReLU
-    transcoder with the model's n_layers and d_model."""
-    n_layers, d_model = len(get_layers(model)), model.config.hidden_size
-    shape = transcoder.shape
-    if (shape.n_layers, shape.d_model) != (n_layers, d_model):
-        raise ValueError(
-            f"transcoder {where} has n_layers={shape.n_layers}, d_model={shape.d_model}, but the model "
-            f"({model.config.name_or_path}) has n_layers={n_layers}, d_model={d_model}: it was trained "
-            "for another model; re-run `dvc repro train` or point `paths.transcoder` at one for this model"
-        )
-    if shape.activation != "jumprelu":
-        raise ValueError(f"transcoder {where} uses {shape.activation}; export it (JumpReLU) first")
-    if not (bool((transcoder.input_scale == 1).all()) and bool((transcoder.output_scale == 1).all())):
-        raise ValueError(
-            f"transcoder {where} works in a normalised space; splice the one `load_transcoder` reads "
-            "back from an exported folder (raw space)"
-        )
-
-
-def _replace_after_bos(output, new: torch.Tensor):
-    """The module output with positions >= 1 of its hidden states (batch, seq, d_model) set to `new`."""
-    hidden = output[0] if isinstance(output, tuple) else output
-    spliced = torch.cat([hidden[:, :1], new[:, 1:].to(hidden.dtype)], dim=1)
-    return (spliced, *output[1:]) if isinstance(output, tuple) else spliced
-
-
-@contextlib.contextmanager
-def splice(model: nn.Module, transcoder: CrossLayerTranscoder, layers: Sequence[int]) -> Iterator[None]:
-    """Within the context, the MLP outputs of `layers` (positions >= 1) are the transcoder's
-    reconstruction, from features computed on the running model's own MLP inputs."""
-    arch = get_architecture(model)
-    blocks = get_layers(model)
-    sources = sorted({l for target in layers for l in source_layers(transcoder, target)})
-    acts: dict[int, torch.Tensor] = {}  # layer -> (batch, seq, d_tc) float32, this forward pass
-    handles = []
-
-    def encode(module, args, kwargs, *, layer):
-        x = args[0] if args else kwargs["hidden_states"]
-        acts[layer] = encode_layer(transcoder, x.float(), layer)
-
-    def reconstruct(module, args, output, *, layer):
-        return _replace_after_bos(output, decode_layer(transcoder, acts, layer))
-
-    try:
-        for l in sources:
-            mlp_input = blocks[l].get_submodule(arch.mlp_input)
-            hook = functools.partial(encode, layer=l)
-            handles.append(mlp_input.register_forward_pre_hook(hook, with_kwargs=True))
-        for l in layers:
-            mlp_output = blocks[l].get_submodule(arch.mlp_output)
-            handles.append(mlp_output.register_forward_hook(functools.partial(reconstruct, layer=l)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def zero_ablate(model: nn.Module) -> Iterator[None]:
-    """Within the context, every MLP output is 0 at positions >= 1 (BOS keeps the original)."""
-    arch = get_architecture(model)
-
-    def hook(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        return _replace_after_bos(output, torch.zeros_like(hidden))
-
-    handles = [b.get_submodule(arch.mlp_output).register_forward_hook(hook) for b in get_layers(model)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def held_out_sequences(store: ActivationStore, val_fraction: float, n_sequences: int) -> np.ndarray:
@@ -254,27 +138,13 @@ def evaluate_transcoder(
     }
 
 
-def load_for_splicing(params: Params, *, dtype: torch.dtype | None = None) -> tuple:
-    """`(model, tokenizer, transcoder)` on `runtime.device`, checked to fit each other; the
-    model in `dtype` (default: `model.dtype`)."""
-    device = resolve_device(params.runtime.device)
-    transcoder = load_transcoder(params.paths.transcoder)
-    dtype = dtype or resolve_dtype(params.model.dtype)
-    model, tokenizer = load_model(params.paths.model_dir, dtype=dtype, device=device)
-    check_compatible(transcoder, model, params.paths.transcoder)
-    return model, tokenizer, transcoder.to(device)
-
-
 def run(params: Params, *, progress: bool = True) -> dict:
     """The `evaluate` stage: metrics of the spliced transcoder, written to `evaluate.json`."""
     cfg = params.evaluate
     model, _, transcoder = load_for_splicing(params)
     store = ActivationStore(params.paths.activations)
-    if (store.schema.n_layers, store.schema.d_model) != (transcoder.shape.n_layers, transcoder.shape.d_model):
-        raise ValueError(
-            f"activation store {store.path} was dumped from a model with n_layers={store.schema.n_layers}, "
-            f"d_model={store.schema.d_model}, not the model in {params.paths.model_dir}; re-run `dvc repro`"
-        )
+    where, other = params.paths.transcoder, f"activation store {store.path}"
+    transcoder.check_fits(store.schema.n_layers, store.schema.d_model, where=where, other=other)
     if store.schema.context_len < 3:
         raise ValueError(
             f"`corpus.context_len` is {store.schema.context_len}; evaluating needs >= 3 (BOS, then "
@@ -296,35 +166,3 @@ def run(params: Params, *, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluate.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-@torch.inference_mode()
-def greedy_continuation(model: nn.Module, ids: list[int], *, max_new_tokens: int, eos_token_id: int | None):
-    """Greedy decoding that re-runs the whole sequence each step (no KV cache, so hooks see
-    every position, BOS at 0 included); returns the new token ids."""
-    device = next(model.parameters()).device
-    ids = list(ids)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits
-        token = int(logits[0, -1].argmax())
-        ids.append(token)
-        new.append(token)
-        if token == eos_token_id:
-            break
-    return new
-
-
-def generate(
-    model: nn.Module, tokenizer, transcoder: CrossLayerTranscoder, prompt: str, *, max_new_tokens: int
-) -> dict[str, str]:
-    """Greedy continuations of `prompt` (BOS prepended) by the original and the replacement model."""
-    ids = [bos_token_id(tokenizer), *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
-    kwargs = {"max_new_tokens": max_new_tokens, "eos_token_id": tokenizer.eos_token_id}
-    original = greedy_continuation(model, ids, **kwargs)
-    with splice(model, transcoder, range(transcoder.shape.n_layers)):
-        replacement = greedy_continuation(model, ids, **kwargs)
-    return {
-        "original": tokenizer.decode(original, skip_special_tokens=True),
-        "replacement": tokenizer.decode(replacement, skip_special_tokens=True),
-    }

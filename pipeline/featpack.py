@@ -29,7 +29,7 @@ bytes.
 It reads a folder on disk or an http(s) URL served by anything that honours Range requests
 (circuit-tracer's `start-server --features_dir`, for one). This module imports only the
 standard library at the top, so circuit-tracer's own environment can use the reader
-(`scripts/ct_check_features.py`).
+(`ct/check_features.py`).
 """
 
 from __future__ import annotations

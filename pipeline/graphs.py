@@ -14,13 +14,33 @@ target per line, each a JSON string holding exactly one token, e.g.
 
 Graphs are computed in float32 whatever `model.dtype` is: bf16 edges would be off by ~0.4%.
 
-Output (`paths.graphs`): `{slug}.json` in circuit-tracer's graph format (FORMATS.md §2)
-with `metadata.scan` = the absolute path of the packed features (`paths.features`),
-`{slug}.png` (with `graphs.png`), and `graph-metadata.json`. The folder is a persistent
-DVC output: `manifest.json` records, per slug, a key hashing the prompt, the transcoder,
-the model, the `graphs` parameters and the attribution code, so a re-run computes only
-graphs whose key changed (a new prompt, or everything after the transcoder or a
-parameter changed) and deletes the graphs of removed prompts.
+Output (`paths.graphs`), a persistent DVC output (kept between runs):
+- `{slug}.json` in circuit-tracer's graph format (FORMATS.md §2), `{slug}.png` (with
+  `graphs.png`) and `graph-metadata.json`;
+- `.cache/{slug}.safetensors` + `.cache/{slug}.json`: the unpruned graph
+  (`export.save_graph`), so that pruning and drawing re-run without attribution;
+- `manifest.json`: the output key of each graph.
+
+`metadata.scan` is the transcoder's `scan` (its config.yaml; circuit-tracer also takes a
+graph's scan from its transcoder): a portable name `./feature-data/<name>` (FORMATS.md §3)
+where `export_transcoder` makes <name> from the model's name (`model.name` without folders
+or `.gguf`, e.g. `./feature-data/smollm2-135m-instruct`). No artifact holds a path, so two
+checkouts write the same bytes.
+
+Each graph has two keys, each a hash of exactly what its result depends on:
+- the attribution key (kept in `.cache/{slug}.json`): the model files, the transcoder
+  files, the prompt text and targets, the attribution code (`ATTRIBUTION_CODE`) and
+  `graphs.{max_n_logits, desired_logit_prob, max_feature_nodes, batch_size,
+  update_interval}`. `batch_size` and `update_interval` belong there: with fewer
+  `max_feature_nodes` than active features, features get rows `update_interval *
+  batch_size` at a time between influence re-estimates, which decides which are selected
+  (and batching changes float rounding). `max_n_pos` only rejects long prompts, and
+  `runtime.device` is no dependency of any stage, so neither is in it.
+- the output key (`manifest.json`): the attribution key, `node_threshold`,
+  `edge_threshold`, `png`, the scan and the pruning and export code (`OUTPUT_CODE`).
+A run re-attributes graphs whose attribution key changed ("computed"), re-prunes and
+re-draws from the cache those whose output key alone changed ("pruned"), keeps the others
+("kept"), and deletes every file of removed prompts, their cache included.
 """
 
 from __future__ import annotations
@@ -29,10 +49,11 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm import tqdm
 
 import pipeline.attribution.attribute
@@ -40,27 +61,43 @@ import pipeline.attribution.export
 import pipeline.attribution.prune
 import pipeline.attribution.replacement
 import pipeline.clt
-import pipeline.evaluate
 import pipeline.model
-from pipeline.attribution.attribute import attribute
-from pipeline.attribution.export import draw_graph, graph_json, write_graph_metadata, write_json_atomic
+import pipeline.splice
+from pipeline.attribution.attribute import Graph, attribute
+from pipeline.attribution.export import (
+    draw_graph,
+    graph_json,
+    load_graph,
+    save_graph,
+    write_graph_metadata,
+    write_json_atomic,
+)
 from pipeline.attribution.prune import prune
-from pipeline.config import Params
-from pipeline.evaluate import load_for_splicing
+from pipeline.config import GraphsConfig, Params
 from pipeline.model import max_context
+from pipeline.splice import load_for_splicing
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-_CODE = [
+CACHE = ".cache"
+ATTRIBUTION_CODE = [
     pipeline.attribution.attribute,
-    pipeline.attribution.export,
-    pipeline.attribution.prune,
     pipeline.attribution.replacement,
     pipeline.clt,
-    pipeline.evaluate,
     pipeline.model,
+    pipeline.splice,
 ]
+"""Modules whose code decides an unpruned graph (loading the model and transcoder included)."""
+OUTPUT_CODE = [pipeline.attribution.export, pipeline.attribution.prune]
+ATTRIBUTION_SETTINGS = (
+    "max_n_logits",
+    "desired_logit_prob",
+    "max_feature_nodes",
+    "batch_size",
+    "update_interval",
+)
+"""The `graphs` parameters that `attribute` reads (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -150,17 +187,38 @@ def hash_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def base_key(params: Params) -> str:
-    """What every graph depends on besides its prompt."""
+def _sha256(data) -> str:
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()
+
+
+def attribution_base(params: Params) -> str:
+    """What every unpruned graph depends on besides its prompt."""
     files = [p for p in Path(params.paths.transcoder).iterdir() if p.is_file()]
     files += [p for p in Path(params.paths.model_dir).iterdir() if p.is_file()]
-    files += [Path(module.__file__) for module in _CODE]
-    settings = json.dumps([asdict(params.graphs), str(Path(params.paths.features).resolve())])
-    return hashlib.sha256((hash_files(files) + settings).encode()).hexdigest()
+    files += [Path(module.__file__) for module in ATTRIBUTION_CODE]
+    return _sha256([hash_files(files), {k: getattr(params.graphs, k) for k in ATTRIBUTION_SETTINGS}])
 
 
-def prompt_key(base: str, prompt: Prompt) -> str:
-    return hashlib.sha256(json.dumps([base, prompt.text, prompt.targets]).encode()).hexdigest()
+def attribution_key(base: str, prompt: Prompt) -> str:
+    return _sha256([base, prompt.text, prompt.targets])
+
+
+def output_key(attribution: str, cfg: GraphsConfig, scan: str) -> str:
+    """What a graph's JSON and PNG depend on."""
+    code = hash_files([Path(module.__file__) for module in OUTPUT_CODE])
+    return _sha256([attribution, cfg.node_threshold, cfg.edge_threshold, cfg.png, scan, code])
+
+
+def transcoder_scan(folder: str | Path) -> str:
+    """The `scan` of the transcoder's config.yaml, which every graph repeats."""
+    path = Path(folder) / "config.yaml"
+    scan = (yaml.safe_load(path.read_text()) or {}).get("scan")
+    if not isinstance(scan, str) or not scan or os.path.isabs(scan):
+        raise ValueError(
+            f"{path} has `scan: {scan!r}`; graphs need a portable name such as ./feature-data/<name> "
+            "(FORMATS.md §3): re-run `dvc repro train`, or set it in that file"
+        )
+    return scan
 
 
 def check_length(tokenizer, model, prompt: Prompt, max_n_pos: int) -> None:
@@ -176,73 +234,100 @@ def check_length(tokenizer, model, prompt: Prompt, max_n_pos: int) -> None:
 
 
 def remove_stale(out: Path, keep: set[str]) -> list[str]:
-    """Delete graph files of slugs not in `keep` (prompts that were removed)."""
+    """Delete the files (cache included) of slugs not in `keep` (prompts that were removed),
+    and staging files left by an interrupted run."""
     removed = []
-    for path in sorted(out.iterdir()):
-        if path.name in (MANIFEST, "graph-metadata.json"):
-            continue
-        slug = path.name.removesuffix(".tmp").rsplit(".", 1)[0]
-        if slug not in keep or path.name.endswith(".tmp"):
-            path.unlink()
-            removed.append(path.name)
+    for folder in (out, out / CACHE):
+        for path in sorted(folder.iterdir()):
+            if path.is_dir() or (folder == out and path.name in (MANIFEST, "graph-metadata.json")):
+                continue
+            slug = path.name.removesuffix(".tmp").rsplit(".", 1)[0]
+            if slug not in keep or path.name.endswith(".tmp"):
+                path.unlink()
+                removed.append(str(path.relative_to(out)))
     return removed
 
 
+def unpruned_graph(model, tokenizer, transcoder, prompt: Prompt, cfg: GraphsConfig, cache: Path, key: str):
+    """`(graph, "pruned")` from the cache when it holds `key`, else `(graph, "computed")`
+    by attribution, saved to the cache."""
+    graph = load_graph(cache, prompt.slug, key=key)
+    if graph is not None:
+        return graph, "pruned"
+    graph = attribute(
+        model,
+        tokenizer,
+        transcoder,
+        prompt.text,
+        **{k: getattr(cfg, k) for k in ATTRIBUTION_SETTINGS},
+        target_token_ids=target_token_ids(tokenizer, prompt),
+    )
+    save_graph(graph, cache, prompt.slug, key=key)
+    return graph, "computed"
+
+
+def write_outputs(graph: Graph, tokenizer, prompt: Prompt, cfg: GraphsConfig, scan: str, out: Path) -> dict:
+    """Prune `graph` and write `{slug}.json` (and `{slug}.png`); returns the JSON."""
+    pruned = prune(graph, node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold)
+    data = graph_json(
+        graph, pruned, tokenizer, slug=prompt.slug, scan=scan, node_threshold=cfg.node_threshold
+    )
+    write_json_atomic(out / f"{prompt.slug}.json", data)
+    png = out / f"{prompt.slug}.png"
+    if cfg.png:
+        tmp = out / f"{prompt.slug}.png.tmp"
+        draw_graph(data, tmp)
+        os.replace(tmp, png)
+    else:
+        png.unlink(missing_ok=True)
+    return data
+
+
 def run(params: Params, *, progress: bool = True) -> dict[str, str]:
-    """The `graphs` stage; returns {slug: "computed" | "kept"}."""
+    """The `graphs` stage; returns {slug: "computed" | "pruned" | "kept"}."""
     cfg = params.graphs
     prompts = read_prompts(params.paths.prompts)
     out = Path(params.paths.graphs)
-    out.mkdir(parents=True, exist_ok=True)
+    cache = out / CACHE
+    cache.mkdir(parents=True, exist_ok=True)
     model, tokenizer, transcoder = load_for_splicing(params, dtype=torch.float32)
     model.requires_grad_(False)
     for prompt in prompts:  # every bad prompt stops the stage before any work
         check_length(tokenizer, model, prompt, cfg.max_n_pos)
         target_token_ids(tokenizer, prompt)
+    scan = transcoder_scan(params.paths.transcoder)
+    base = attribution_base(params)
+    attribution_keys = {p.slug: attribution_key(base, p) for p in prompts}
+    keys = {slug: output_key(key, cfg, scan) for slug, key in attribution_keys.items()}
     manifest_path = out / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    base = base_key(params)
-    keys = {p.slug: prompt_key(base, p) for p in prompts}
     manifest = {slug: key for slug, key in manifest.items() if keys.get(slug) == key}
-    removed = remove_stale(out, set(manifest) | set(keys))
+    removed = remove_stale(out, set(keys))
     if removed:
         logger.info("removed %d stale files: %s", len(removed), ", ".join(removed))
-    scan = str(Path(params.paths.features).resolve())
-    status = {}
+    expected = [".json", ".png"] if cfg.png else [".json"]
     todo = [
-        p for p in prompts if manifest.get(p.slug) != keys[p.slug] or not (out / f"{p.slug}.json").is_file()
+        p
+        for p in prompts
+        if manifest.get(p.slug) != keys[p.slug] or not all((out / f"{p.slug}{x}").is_file() for x in expected)
     ]
     logger.info(
-        "%d prompts: %d graphs to compute, %d up to date", len(prompts), len(todo), len(prompts) - len(todo)
+        "%d prompts: %d graphs to write, %d up to date", len(prompts), len(todo), len(prompts) - len(todo)
     )
+    status = {}
     for prompt in tqdm(todo, desc="graphs", unit="graph", disable=not progress):
-        graph = attribute(
-            model,
-            tokenizer,
-            transcoder,
-            prompt.text,
-            max_n_logits=cfg.max_n_logits,
-            desired_logit_prob=cfg.desired_logit_prob,
-            batch_size=cfg.batch_size,
-            max_feature_nodes=cfg.max_feature_nodes,
-            update_interval=cfg.update_interval,
-            target_token_ids=target_token_ids(tokenizer, prompt),
-        )
-        pruned = prune(graph, node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold)
-        data = graph_json(
-            graph, pruned, tokenizer, slug=prompt.slug, scan=scan, node_threshold=cfg.node_threshold
-        )
-        write_json_atomic(out / f"{prompt.slug}.json", data)
-        if cfg.png:
-            tmp = out / f"{prompt.slug}.png.tmp"
-            draw_graph(data, tmp)
-            os.replace(tmp, out / f"{prompt.slug}.png")
-        elif (out / f"{prompt.slug}.png").exists():
-            (out / f"{prompt.slug}.png").unlink()
+        key = attribution_keys[prompt.slug]
+        graph, status[prompt.slug] = unpruned_graph(model, tokenizer, transcoder, prompt, cfg, cache, key)
+        data = write_outputs(graph, tokenizer, prompt, cfg, scan, out)
         manifest[prompt.slug] = keys[prompt.slug]
         write_json_atomic(manifest_path, dict(sorted(manifest.items())))
-        status[prompt.slug] = "computed"
-        logger.info("%s: %d nodes, %d links", prompt.slug, len(data["nodes"]), len(data["links"]))
+        logger.info(
+            "%s (%s): %d nodes, %d links",
+            prompt.slug,
+            status[prompt.slug],
+            len(data["nodes"]),
+            len(data["links"]),
+        )
     for prompt in prompts:
         status.setdefault(prompt.slug, "kept")
     write_json_atomic(manifest_path, dict(sorted(manifest.items())))

@@ -6,9 +6,9 @@ are shuffled together, and the epoch's batches are consecutive slices of the
 concatenated shuffled groups. Batch `b` of epoch `e` is therefore a pure function of
 (seed, e, b), so a resumed run can start at any batch without reading what it skips.
 
-A background thread reads each group into one reused buffer and gathers the batches
-from it, `prefetch_batches` ahead of the training loop and across epoch boundaries, so
-the loop only receives ready tensors. Reusing the buffers matters: on this VM, writing
+A background thread (`pipeline.prefetch`) reads each group into one reused buffer and
+gathers the batches from it, `prefetch_batches` ahead of the training loop and across
+epoch boundaries, so the loop only receives ready tensors. Reusing the buffers matters: on this VM, writing
 to freshly allocated memory costs ~2 ms per MB in page faults, several times the copy.
 """
 
@@ -17,14 +17,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import queue
-import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from pipeline.prefetch import prefetch
 from pipeline.store import ACTIVATIONS, ActivationStore, storage_dtype
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,13 @@ def massive_rows(store: ActivationStore, keep: np.ndarray, max_norm_ratio: float
     return out
 
 
+_MASSIVE_ROWS: weakref.WeakKeyDictionary[ActivationStore, dict[tuple, np.ndarray]] = (
+    weakref.WeakKeyDictionary()
+)
+"""`massive_rows` per store object and (split, val_fraction, max_norm_ratio), found once: it
+reads all of `mlp_out`. An entry goes when its store object does."""
+
+
 def rows_mask(
     store: ActivationStore, split: str, val_fraction: float, max_norm_ratio: float = 0.0
 ) -> np.ndarray:
@@ -68,7 +75,7 @@ def rows_mask(
     mask = split_mask(store.array("doc_ids")[:], store.array("positions")[:], split, val_fraction)
     if max_norm_ratio <= 0:
         return mask
-    cache = store.__dict__.setdefault("_massive_rows", {})
+    cache = _MASSIVE_ROWS.setdefault(store, {})
     key = (split, val_fraction, max_norm_ratio)
     if key not in cache:
         cache[key] = massive_rows(store, mask, max_norm_ratio)
@@ -196,40 +203,11 @@ class ActivationLoader:
 
     def batches(self, start: int = 0) -> Iterator[Batch]:
         """Endless batches from global step `start` on (batch b of epoch e is step
-        e * batches_per_epoch + b), gathered ahead in a background thread."""
+        e * batches_per_epoch + b), gathered ahead in a background thread (`prefetch`)."""
         epoch, first = divmod(start, self.batches_per_epoch)
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
-        stop = threading.Event()
-
-        def put(item) -> bool:
-            """Queue `item` unless the consumer has stopped; whether it was queued."""
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        def produce():
-            try:
-                for item in self._produce(epoch, first):
-                    if not put(item):
-                        return
-            except BaseException as e:  # re-raised in the consumer
-                put(e)
-
-        thread = threading.Thread(target=produce, daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
+        with contextlib.closing(prefetch(self._produce(epoch, first), self.prefetch_batches)) as items:
+            for item in items:
                 yield Batch(*(self.store.to_torch(item[n]) for n in ACTIVATIONS))
-        finally:
-            stop.set()
-            thread.join()
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """The batches of `epoch` from `start_batch` on."""

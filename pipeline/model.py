@@ -112,20 +112,6 @@ def bos_token_id(tokenizer) -> int:
     raise ValueError("the tokenizer has neither a BOS nor an EOS token to start sequences with")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` means CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"`runtime.device` is {name!r} but CUDA is not available; use auto or cpu")
-    return device
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 @dataclass(frozen=True)
 class ModelSource:
     """Where `model.name` points: a folder or hub id, plus a GGUF file name inside it."""
@@ -189,6 +175,11 @@ def load_pretrained(name: str, dtype: torch.dtype | None = None):
     return model, tokenizer
 
 
+def run(params) -> Path:
+    """The `model` stage: materialise `model.name` at `paths.model_dir`."""
+    return materialize(params.model.name, params.paths.model_dir)
+
+
 def materialize(name: str, out_dir: str | Path) -> Path:
     """Save model `name` as a plain Hugging Face folder at `out_dir` (atomically)."""
     out_dir = Path(out_dir)
@@ -242,9 +233,3 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.devic
         )
     model, tokenizer = load_pretrained(str(model_dir), dtype=dtype)
     return model.to(device), tokenizer
-
-
-def configure_torch(num_threads: int) -> None:
-    """Apply `runtime.num_threads` (0 keeps torch's default)."""
-    if num_threads:
-        torch.set_num_threads(num_threads)

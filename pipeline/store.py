@@ -16,12 +16,14 @@ array's attributes, since Zarr has no bfloat16.
 Writing is crash-safe: a `StoreWriter` works in a staging folder (`<path>.partial`),
 writes whole shards only, records each finished shard in `progress.json` (atomically),
 resumes after the last finished shard when started again with the same schema, and
-finally marks the group `complete` and renames it into place. `open_store` refuses a
-store that is not complete or has missing chunks, so a reader never sees fill values.
+finally marks the group `complete` and renames it into place. `ActivationStore` refuses a
+store that is not complete, has missing chunks or a file of the wrong size, so a reader
+never sees fill values; a read that fails Zarr's checksum names the damaged file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,6 +31,7 @@ import mmap
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,7 +50,6 @@ _STORAGE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
 # of a complete store (zarr skips such chunks by default).
 _ALWAYS_WRITE = {"write_empty_chunks": True}
 _PAGE = 4096
-_TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,6 @@ def to_torch(array: np.ndarray, logical: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if logical == "bfloat16" else t
 
 
-def torch_dtype(logical: str) -> torch.dtype:
-    return _TORCH[logical]
-
-
 _EXPONENT = {
     "bfloat16": (np.uint16, 0x7F80),
     "float16": (np.uint16, 0x7C00),
@@ -131,6 +129,51 @@ def _fast_path_ok(array: zarr.Array) -> bool:
         and sys.byteorder == "little"
         and conf["chunk_shape"][1:] == list(array.shape[1:])
     )
+
+
+def _file_layout(array: zarr.Array) -> dict[str, tuple[int, int]] | None:
+    """`{path inside the array's folder: (file size, index size)}` of every storage file of
+    `array` in the uncompressed layouts `StoreWriter` writes; None for any other layout.
+
+    A shard file holds its chunks that overlap the array (each padded to full size), then
+    an index of 16 bytes per chunk of the shard and its 4-byte crc32c (index size 0: no
+    index, for unsharded arrays).
+    """
+    codecs = json.loads(json.dumps(array.metadata.to_dict()["codecs"]))  # tuples -> lists
+    chunk_bytes = int(np.prod(array.chunks)) * array.dtype.itemsize
+    if array.shards is None:
+        if codecs != [{"name": "bytes", "configuration": {"endian": "little"}}]:
+            return None
+        grid = [-(-n // c) for n, c in zip(array.shape, array.chunks)]
+        return {"c/" + "/".join(map(str, i)): (chunk_bytes, 0) for i in np.ndindex(*grid)}
+    if not _fast_path_ok(array):
+        return None
+    rows, chunk_rows, shard_rows = array.shape[0], array.chunks[0], array.shards[0]
+    per_shard, n_chunks = shard_rows // chunk_rows, -(-rows // chunk_rows)
+    tail = per_shard * 16 + 4
+    return {
+        f"c/{i}/0/0": (min(per_shard, n_chunks - i * per_shard) * chunk_bytes + tail, tail)
+        for i in range(-(-rows // shard_rows))
+    }
+
+
+def _file_problem(path: Path, size: int, index_size: int, *, read_index: bool) -> str | None:
+    """What is wrong with storage file `path`, which should be `size` bytes and end with an
+    index of `index_size` bytes, or None if nothing is; `read_index` also checks the index's
+    crc32c (a read, where the size check is a stat)."""
+    try:
+        found = path.stat().st_size
+    except FileNotFoundError:
+        return "is missing"
+    if found != size:
+        return f"is {found} bytes, expected {size}"
+    if read_index and index_size:
+        with open(path, "rb") as f:
+            f.seek(size - index_size)
+            index = f.read(index_size)
+        if bytes(CRC32C().encode(index[:-4])) != index:
+            return "has a chunk index that fails its crc32c checksum"
+    return None
 
 
 def write_shard_file(path: Path, values: np.ndarray, chunk_rows: int) -> None:
@@ -384,17 +427,49 @@ class ActivationStore:
                     f"{arr.nchunks} chunks (a corrupted or partial copy); "
                     "re-run `dvc repro dump` or `dvc pull`"
                 )
+            problem = self._damage(name, read_index=False)  # a stat per file
+            if problem is not None:
+                raise ValueError(problem)
+
+    def _damage(self, name: str, *, read_index: bool) -> str | None:
+        """The error message for the first damaged storage file of array `name`, or None
+        when every file has its expected size (and, with `read_index`, a valid index)."""
+        layout = _file_layout(self.group[name])
+        for rel, (size, index_size) in (layout or {}).items():
+            problem = _file_problem(self.path / name / rel, size, index_size, read_index=read_index)
+            if problem is not None:
+                return (
+                    f"activation store {self.path}: {'shard ' if index_size else ''}file {name}/{rel} "
+                    f"of array {name!r} {problem} (a corrupted or truncated copy); run `dvc pull` "
+                    "to restore it, or `dvc repro dump` to rebuild the store"
+                )
+        return None
+
+    @contextlib.contextmanager
+    def _reading(self, name: str) -> Iterator[None]:
+        """Turn Zarr's error for a damaged file of array `name` (a `ValueError`: a failed
+        checksum, a short chunk) into one naming the file and the fix; any other error, or
+        one where every file of the array is intact, propagates unchanged."""
+        try:
+            yield
+        except ValueError as e:
+            problem = self._damage(name, read_index=True)
+            if problem is None:
+                raise
+            raise ValueError(problem) from e
 
     @property
     def n_tokens(self) -> int:
         return self.schema.n_tokens
 
-    def array(self, name: str) -> zarr.Array:
-        return self.group[name]
+    def array(self, name: str) -> CheckedArray:
+        """Array `name`; reading a damaged file of it raises an error naming the file."""
+        return CheckedArray(self, name)
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows `[start, stop)` of an array as a torch tensor in its logical dtype."""
-        values = self.group[name][start:stop]
+        with self._reading(name):
+            values = self.group[name][start:stop]
         return to_torch(values, self.schema.dtype) if name in ACTIVATIONS else torch.from_numpy(values)
 
     def to_torch(self, values: np.ndarray) -> torch.Tensor:
@@ -415,6 +490,26 @@ class ActivationStore:
             path = self.path / name / "c" / str(start // s.shard_tokens) / "0" / "0"
             shape = (s.shard_tokens, s.n_layers, s.d_model)
             values = read_shard_file(path, shape, storage_dtype(s.dtype), s.chunk_tokens)
-        if values is None:
-            values = self.group[name][start:stop]
+        if values is None:  # not the raw layout, or a damaged file: Zarr reads (or reports) it
+            with self._reading(name):
+                values = self.group[name][start:stop]
         return values if keep is None else values[keep]
+
+
+class CheckedArray:
+    """A store's Zarr array whose reads name the damaged file, if any, in their error;
+    everything else (`shape`, `attrs`, ...) is the Zarr array's."""
+
+    def __init__(self, store: ActivationStore, name: str):
+        self._store, self._name = store, name
+        self._array = store.group[name]
+
+    def __getitem__(self, key) -> np.ndarray:
+        with self._store._reading(self._name):
+            return self._array[key]
+
+    def __len__(self) -> int:
+        return len(self._array)
+
+    def __getattr__(self, attr: str):
+        return getattr(self._array, attr)

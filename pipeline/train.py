@@ -3,7 +3,7 @@
 1. `fit_scales`: per-layer scalars that bring E||x|| (and E||y||) to sqrt(d_model).
 2. `init_encoder`: thresholds at `init_threshold`, b_enc so each feature fires on
    `init_rate` of tokens, and the STE bandwidth from the pre-activation scale.
-3. `train_steps`: Adam on the paper's loss (`loss_terms`): MSE summed over d_model and
+3. `Trainer`: Adam on the paper's loss (`loss_terms`): MSE summed over d_model and
    layers and averaged over tokens, plus lambda * tanh(c * ||W_dec_f|| * a_f) with lambda
    ramped linearly, plus a small relu(threshold - h) * ||W_dec_f|| pre-activation loss.
    Checkpoints every `checkpoint_every` steps make a killed run resume exactly.
@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from pipeline.clt import CLTShape, CrossLayerTranscoder, export_transcoder
 from pipeline.config import Params, TrainConfig
-from pipeline.loader import ActivationLoader, rows_mask
-from pipeline.model import resolve_device
+from pipeline.loader import ActivationLoader, Batch, rows_mask
+from pipeline.runtime import resolve_device, torch_dtype
 from pipeline.store import ACTIVATIONS, ActivationStore
 
 logger = logging.getLogger(__name__)
@@ -107,10 +107,10 @@ def loss_terms(
 ) -> dict[str, torch.Tensor]:
     """The paper's loss on normalised (x, y), each (n_tokens, n_layers, d_model).
 
-    With `cfg.autocast` the transcoder computes in bfloat16 (its float32 parameters cast
+    The transcoder computes in `cfg.compute_dtype` (bfloat16: its float32 parameters cast
     once per step; every matmul accumulates in float32); the threshold, the loss terms and
     the optimizer stay float32."""
-    compute_dtype = torch.bfloat16 if cfg.autocast else torch.float32
+    compute_dtype = torch_dtype(cfg.compute_dtype)
     h, acts, recon = model(x.to(compute_dtype), bandwidth=bandwidth, sparse=cfg.sparse_decoder)
     mse = F.mse_loss(recon.float(), y, reduction="sum") / len(y)
     terms = {"mse": mse, "acts": acts.detach()}
@@ -168,62 +168,93 @@ def build_optimizer(model: CrossLayerTranscoder, cfg: TrainConfig, device: torch
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
 
 
-def train_steps(
-    model: CrossLayerTranscoder,
-    loader: ActivationLoader,
-    cfg: TrainConfig,
-    checkpoint: Checkpoint,
-    *,
-    bandwidth: float,
-    device: torch.device,
-    progress: bool = True,
-) -> list[dict]:
-    """Run (or resume) the optimisation; returns the per-step history."""
-    optimizer = build_optimizer(model, cfg, device)
-    state = checkpoint.load()
-    step, history = 0, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, history, bandwidth = state["step"], state["history"], state["bandwidth"]
-        logger.info("resuming training at step %d/%d", step, cfg.n_steps)
-    bar = tqdm(total=cfg.n_steps, initial=step, desc="train", unit="step", disable=not progress)
-    with contextlib.closing(loader.batches(step)) as batches:  # stops the read-ahead thread
-        for batch in itertools.islice(batches, cfg.n_steps - step):
-            x, y = normalise(model, batch.x.to(device), batch.y.to(device))
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            lam = sparsity_lambda_at(step, cfg)
-            terms = loss_terms(model, x, y, lam=lam, cfg=cfg, bandwidth=bandwidth)
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            optimizer.step()
-            l0 = (terms["acts"] != 0).float().sum(-1).mean().item()
-            variance = (y - y.mean(0)).pow(2).sum(dim=(1, 2)).mean().item()
-            history.append(
-                {
-                    "step": step,
-                    "loss": terms["total"].item(),
-                    "mse": terms["mse"].item(),
-                    "nmse": terms["mse"].item() / variance,
-                    "l0": l0,
-                    "lambda": lam,
-                    "lr": lr_at(step, cfg),
-                }
-            )
-            step += 1
-            bar.update(1)
-            bar.set_postfix(nmse=f"{history[-1]['nmse']:.3f}", l0=f"{l0:.1f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.n_steps:
-                checkpoint.save(
-                    model=model.state_dict(),
-                    optimizer=optimizer.state_dict(),
-                    step=step,
-                    history=history,
-                    bandwidth=bandwidth,
-                )
-    bar.close()
-    return history
+class Trainer:
+    """One training run: the transcoder, its optimizer and the schedules.
+
+    `Trainer(store, cfg, device=...)` builds and initialises the transcoder (steps 1-2);
+    `train_step(batch)` is one optimisation step at the current step's learning rate and
+    sparsity lambda; `fit` runs (or resumes) the whole run with checkpoints (step 3);
+    `state_dict` / `load_state_dict` are what a checkpoint holds.
+    """
+
+    def __init__(self, store: ActivationStore, cfg: TrainConfig, *, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.model = build_transcoder(store, cfg)
+        init = sample_rows(store, "train", cfg.val_fraction, 4096, cfg.max_norm_ratio)
+        fit_scales(self.model, init)
+        self.x_init, _ = normalise(self.model, init["resid_mid"], init["mlp_out"])  # also calibrates topk
+        self.bandwidth = init_encoder(self.model, self.x_init, cfg)
+        self.model.to(device)
+        self.optimizer = build_optimizer(self.model, cfg, device)
+        self.steps_done = 0
+        self.history: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.steps_done,
+            "history": self.history,
+            "bandwidth": self.bandwidth,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_done, self.history, self.bandwidth = state["step"], state["history"], state["bandwidth"]
+
+    def train_step(self, batch: Batch) -> dict:
+        """One optimisation step on `batch`; returns (and records) its loss, NMSE and L0."""
+        cfg, model, step = self.cfg, self.model, self.steps_done
+        x, y = normalise(model, batch.x.to(self.device), batch.y.to(self.device))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        lam = sparsity_lambda_at(step, cfg)
+        terms = loss_terms(model, x, y, lam=lam, cfg=cfg, bandwidth=self.bandwidth)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        self.optimizer.step()
+        variance = (y - y.mean(0)).pow(2).sum(dim=(1, 2)).mean().item()
+        record = {
+            "step": step,
+            "loss": terms["total"].item(),
+            "mse": terms["mse"].item(),
+            "nmse": terms["mse"].item() / variance,
+            "l0": (terms["acts"] != 0).float().sum(-1).mean().item(),
+            "lambda": lam,
+            "lr": lr_at(step, cfg),
+        }
+        self.history.append(record)
+        self.steps_done += 1
+        return record
+
+    def fit(self, loader: ActivationLoader, checkpoint: Checkpoint, *, progress: bool = True) -> list[dict]:
+        """Run (or resume from `checkpoint`) to `cfg.n_steps`; returns the per-step history."""
+        cfg = self.cfg
+        state = checkpoint.load()
+        if state is not None:
+            self.load_state_dict(state)
+            logger.info("resuming training at step %d/%d", self.steps_done, cfg.n_steps)
+        bar = tqdm(
+            total=cfg.n_steps, initial=self.steps_done, desc="train", unit="step", disable=not progress
+        )
+        with contextlib.closing(loader.batches(self.steps_done)) as batches:  # stops the read-ahead thread
+            for batch in itertools.islice(batches, cfg.n_steps - self.steps_done):
+                record = self.train_step(batch)
+                bar.update(1)
+                bar.set_postfix(nmse=f"{record['nmse']:.3f}", l0=f"{record['l0']:.1f}")
+                if self.steps_done % cfg.checkpoint_every == 0 or self.steps_done == cfg.n_steps:
+                    checkpoint.save(**self.state_dict())
+        bar.close()
+        return self.history
+
+    def trained_model(self) -> CrossLayerTranscoder:
+        """The transcoder on CPU, JumpReLU (topk / batchtopk thresholds calibrated), ready to export."""
+        model = self.model.cpu()
+        if self.cfg.activation != "jumprelu":
+            calibrate_thresholds(model, self.x_init)
+            model.shape = CLTShape(**{**asdict(model.shape), "activation": "jumprelu"})
+        return model
 
 
 @torch.no_grad()
@@ -319,32 +350,16 @@ def run(params: Params, *, progress: bool = True) -> dict:
         seed=cfg.seed,
         max_norm_ratio=cfg.max_norm_ratio,
     )
-    model = build_transcoder(store, cfg)
-    init = sample_rows(store, "train", cfg.val_fraction, 4096, cfg.max_norm_ratio)
-    fit_scales(model, init)
-    x_init, _ = normalise(model, init["resid_mid"], init["mlp_out"])
-    bandwidth = init_encoder(model, x_init, cfg)
-    model.to(device)
+    trainer = Trainer(store, cfg, device=device)
     fingerprint = {"train": asdict(cfg), "store": asdict(store.schema)}
-    history = train_steps(
-        model,
-        loader,
-        cfg,
-        Checkpoint(work, fingerprint),
-        bandwidth=bandwidth,
-        device=device,
-        progress=progress,
-    )
-    model.cpu()
-    if cfg.activation != "jumprelu":
-        calibrate_thresholds(model, x_init)
-        model.shape = CLTShape(**{**asdict(model.shape), "activation": "jumprelu"})
+    history = trainer.fit(loader, Checkpoint(work, fingerprint), progress=progress)
+    model = trainer.trained_model()
     val = sample_rows(store, "val", cfg.val_fraction, 8192)
     metrics = validate(model, val)
     logger.info("validation: %s", metrics["mean"])
-    # `scan`: where circuit-tracer's frontend finds the packed feature examples (`pack` stage).
-    scan = str(Path(params.paths.features).resolve())
-    export_transcoder(model, out, model_name=params.model.name, scan=scan)
+    # `scan` (where the frontend finds the `pack` stage's features): a portable name made
+    # from `model.name` by `export_transcoder`, e.g. ./feature-data/smollm2-135m-instruct.
+    export_transcoder(model, out, model_name=params.model.name)
     write_metrics(Path(params.paths.metrics), metrics, history)
     shutil.rmtree(work, ignore_errors=True)
     return metrics

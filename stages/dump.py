@@ -4,7 +4,7 @@ Resumable: killed mid-way, the next run continues after the last complete shard.
 """
 
 from pipeline.dump import run
-from pipeline.stage import run_stage
+from pipeline.runtime import run_stage
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ measure, on held-out sequences, how much of the model's next-token behaviour it 
 """
 
 from pipeline.evaluate import run
-from pipeline.stage import run_stage
+from pipeline.runtime import run_stage
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ the exported transcoder, to Parquet (`paths.examples`).
 """
 
 from pipeline.examples import run
-from pipeline.stage import run_stage
+from pipeline.runtime import run_stage
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ changed, and removing the graphs of deleted prompts.
 """
 
 from pipeline.graphs import run
-from pipeline.stage import run_stage
+from pipeline.runtime import run_stage
 
 
 def main() -> None:

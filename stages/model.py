@@ -3,13 +3,8 @@
 Every later stage, and circuit-tracer, load this folder, so they all see the same bytes.
 """
 
-from pipeline.config import Params
-from pipeline.model import materialize
-from pipeline.stage import run_stage
-
-
-def run(params: Params) -> None:
-    materialize(params.model.name, params.paths.model_dir)
+from pipeline.model import run
+from pipeline.runtime import run_stage
 
 
 def main() -> None:

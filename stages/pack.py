@@ -3,7 +3,7 @@ one `layer_{l}.bin` per layer, FORMATS.md §3), for the attribution-graph fronte
 """
 
 from pipeline.featpack import run
-from pipeline.stage import run_stage
+from pipeline.runtime import run_stage
 
 
 def main() -> None:

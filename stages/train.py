@@ -4,7 +4,7 @@ in circuit-tracer's format, with validation metrics and loss curves for DVC.
 Resumable: killed mid-way, the next run continues from the last checkpoint.
 """
 
-from pipeline.stage import run_stage
+from pipeline.runtime import run_stage
 from pipeline.train import run
 
 

@@ -5,7 +5,6 @@ import torch
 
 from pipeline.attribution.attribute import attribute, select_logit_targets, tokenize_prompt
 from pipeline.attribution.replacement import linearize
-from pipeline.evaluate import decode_layer, encode_layer
 from pipeline.model import load_pretrained
 from tests.tiny import ARCHS, make_transcoder
 
@@ -121,10 +120,10 @@ def test_interventions_change_targets_by_edge_weights(graph_case):
     n_sel, n_pos = len(feats), len(ids)
     l_e, p_e = 1, len(ids) - 1
     mlp_out = [out.detach().clone() for out in run.mlp_out]
-    acts = [encode_layer(transcoder, run.mlp_in[l][0].detach(), l) for l in range(graph.n_layers)]
+    acts = [transcoder.encode_layer(run.mlp_in[l][0].detach(), l) for l in range(graph.n_layers)]
     for a in acts:
         a[0] = 0
-    error = run.mlp_out[l_e][0, p_e].detach() - decode_layer(transcoder, acts, l_e)[p_e]
+    error = run.mlp_out[l_e][0, p_e].detach() - transcoder.decode_layer(acts, l_e)[p_e]
     mlp_out[l_e][0, p_e] -= error
     ablated = target_values(graph, transcoder, replay_without(model, ids, run, mlp_out=mlp_out), vectors)
     torch.testing.assert_close(

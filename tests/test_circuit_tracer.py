@@ -1,25 +1,19 @@
 """Our exported transcoders, loaded by circuit-tracer itself, give our feature activations.
 
-Needs circuit-tracer's separate venv (`bash scripts/ct_venv.sh`, or CT_PYTHON pointing at a
+Needs circuit-tracer's separate venv (`bash ct/venv.sh`, or CT_PYTHON pointing at a
 python that has circuit-tracer 0.5.0); skipped when it is not there.
 """
 
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.clt import export_transcoder, load_transcoder
+from tests.ct import CT_DIR, CT_PYTHON, CT_SKIP_REASON
 from tests.test_clt import make
 
-ROOT = Path(__file__).resolve().parents[1]
-CT_PYTHON = Path(os.environ.get("CT_PYTHON", ROOT / ".ct-venv" / "bin" / "python"))
-
-pytestmark = pytest.mark.skipif(
-    not CT_PYTHON.exists(), reason="circuit-tracer venv not built (bash scripts/ct_venv.sh)"
-)
+pytestmark = pytest.mark.skipif(not CT_PYTHON.exists(), reason=CT_SKIP_REASON)
 
 
 @pytest.mark.parametrize("kind", ["clt", "plt"])
@@ -31,7 +25,7 @@ def test_circuit_tracer_loads_our_export_and_agrees(tmp_path, kind):
     subprocess.run(
         [
             str(CT_PYTHON),
-            str(ROOT / "scripts" / "ct_encode.py"),
+            str(CT_DIR / "encode.py"),
             str(folder),
             str(tmp_path / "in.pt"),
             str(tmp_path / "out.pt"),

@@ -1,5 +1,6 @@
 import gzip
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -63,3 +64,43 @@ def test_default_corpus_is_large_and_varied():
     docs = list(iter_documents("data/corpus/default.jsonl.gz"))
     chars = sum(map(len, docs))
     assert len(docs) > 1000 and chars > 4_500_000  # > 1M tokens at ~4.2 chars/token
+
+
+@pytest.mark.parametrize("name", ["doc.txt", "docs.jsonl", "docs.jsonl.gz"])
+def test_corpus_that_is_not_utf8_names_file_offset_and_fix(tmp_path, name):
+    path = tmp_path / name
+    latin1 = "café".encode("latin-1")  # b"caf\xe9": not UTF-8
+    lines = (
+        [b"first line", latin1] if name == "doc.txt" else [b'{"text": "first"}', b'{"text": "%s"}' % latin1]
+    )
+    data = b"\n".join(lines) + b"\n"
+    offset = data.index(b"\xe9")
+    with gzip.open(path, "wb") if name.endswith(".gz") else open(path, "wb") as f:
+        f.write(data)
+    with pytest.raises(ValueError) as e:
+        list(iter_documents(str(path)))
+    assert str(e.value) == (
+        f"corpus file {path} is not UTF-8: {'decompressed ' if name.endswith('.gz') else ''}byte "
+        f"{offset} (line 2) is b'\\xe9' (invalid continuation byte); save it as UTF-8"
+    )
+    assert isinstance(e.value.__cause__, UnicodeDecodeError)
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "first"}) + "\n\n" + '{"text": "unterminated\n')
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(path))}:3 is not valid JSON \(.*\); .*fix or remove that line$"
+    ):
+        list(iter_documents(str(path)))
+
+
+def test_damaged_gzip_corpus_is_a_clear_error(tmp_path):
+    path = tmp_path / "docs.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(json.dumps({"text": f"document {i} " * 50}) for i in range(200)))
+    path.write_bytes(path.read_bytes()[:-100])  # truncated download
+    with pytest.raises(
+        ValueError, match=rf"^corpus file {re.escape(str(path))} is not a valid gzip file .*re-download it$"
+    ):
+        list(iter_documents(str(path)))

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from dvc.repo import Repo
 
 from tests.dvc_repo import ROOT, Pipeline, copy_repo, dvc_env, file_hashes, git_commit, run
 
@@ -40,15 +41,37 @@ def push_clone_pull(repo: Path, env: dict, clone: Path, *, remote=(), setup_clon
     return pushed
 
 
+def default_remote_url(root: Path) -> Path:
+    """The url of the default remote of the repository at `root`, as DVC resolves it (a
+    relative url in .dvc/config is relative to .dvc/), read through DVC's Python API: the
+    table `dvc remote list` prints wraps long paths."""
+    with Repo(str(root)) as repo:
+        config = repo.config
+        return Path(config["remote"][config["core"]["remote"]]["url"])
+
+
+def check_default_remote(root: Path) -> None:
+    """The default remote of `root` is a local folder outside it, in its parent folder."""
+    url = default_remote_url(root)
+    assert url.is_absolute() and root.resolve() not in url.resolve().parents, url
+    assert url.parent == root.parent.resolve(), url
+
+
 def test_default_remote_is_beside_the_repository():
     """The shipped default remote is a local folder outside the repository (so it is never
     committed, and every clone on the machine shares it)."""
-    env = dvc_env(ROOT)
-    remotes = dict(line.split()[:2] for line in run(["dvc", "remote", "list"], ROOT, env).splitlines())
-    default = run(["dvc", "remote", "default"], ROOT, env).strip()
-    url = Path(remotes[default])
-    assert url.is_absolute() and ROOT.resolve() not in url.resolve().parents
-    assert url.parent == ROOT.parent.resolve()
+    check_default_remote(ROOT)
+
+
+def test_default_remote_check_works_from_a_long_path(tmp_path):
+    """The same check in a checkout whose path is long enough that DVC's tables wrap."""
+    checkout = tmp_path / ("a-checkout-in-a-folder-whose-name-is-long-" * 3) / "clt-pipeline"
+    (checkout / ".dvc").mkdir(parents=True)
+    shutil.copy(ROOT / ".dvc" / "config", checkout / ".dvc" / "config")
+    run(["git", "init", "-q"], checkout, dvc_env(checkout))
+    assert len(str(checkout)) > 150
+    check_default_remote(checkout)
+    assert default_remote_url(checkout) == checkout.parent.resolve() / "clt-pipeline-dvc-remote"
 
 
 def test_push_clone_pull_restores_every_artifact(built_tiny_repo, tmp_path):

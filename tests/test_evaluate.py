@@ -12,15 +12,9 @@ from pipeline.cli import main as cli
 from pipeline.clt import export_transcoder
 from pipeline.config import parse_params
 from pipeline.dump import run as run_dump
-from pipeline.evaluate import (
-    decode_layer,
-    encode_layer,
-    evaluate_transcoder,
-    held_out_sequences,
-    splice,
-    zero_ablate,
-)
+from pipeline.evaluate import evaluate_transcoder, held_out_sequences
 from pipeline.model import get_architecture, get_layers, load_pretrained
+from pipeline.splice import splice, zero_ablate
 from pipeline.store import ActivationStore
 from pipeline.train import run as run_train
 from tests.tiny import ARCHS, TEXT, make_transcoder
@@ -84,10 +78,10 @@ def test_splice_helpers_match_forward(kind):
     x = torch.randn(10, 4, 16)  # (n_tokens, n_layers, d_model)
     with torch.no_grad():
         _, acts, recon = tc(x)
-        mine = [encode_layer(tc, x[:, l], l) for l in range(4)]
+        mine = [tc.encode_layer(x[:, l], l) for l in range(4)]
         for l in range(4):
             torch.testing.assert_close(mine[l], acts[l], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(decode_layer(tc, mine, l), recon[:, l], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(tc.decode_layer(mine, l), recon[:, l], rtol=1e-5, atol=1e-5)
     assert (acts != 0).any() and (acts == 0).any()
 
 
@@ -142,8 +136,8 @@ def test_one_layer_splice_reads_the_unchanged_model(tiny_model_dir):
             model(input_ids=ids)
             for h in handles:
                 h.remove()
-        acts = [encode_layer(tc, original["resid_mid"][l], l) for l in range(3)]
-        expected = decode_layer(tc, acts, 2)
+        acts = [tc.encode_layer(original["resid_mid"][l], l) for l in range(3)]
+        expected = tc.decode_layer(acts, 2)
     for l in (0, 1):
         torch.testing.assert_close(seen["mlp_out"][l], original["mlp_out"][l])
     torch.testing.assert_close(seen["resid_mid"][2], original["resid_mid"][2])
@@ -156,14 +150,15 @@ def test_exact_reconstruction_recovers_everything(tiny_model_dir, monkeypatch):
     makes the replacement model the original: KL 0, top-1 1, CE-loss recovered 1."""
     model, _ = load_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
     blocks = get_layers(model)
-    monkeypatch.setattr(evaluate, "encode_layer", lambda tc, x, layer: x)
+    tc = make_transcoder()
+    monkeypatch.setattr(tc, "encode_layer", lambda x, layer: x)
     monkeypatch.setattr(
-        evaluate,
+        tc,
         "decode_layer",
         # .forward: the true MLP, without re-entering the splice's own hooks
-        lambda tc, acts, t: blocks[t].mlp.forward(blocks[t].post_attention_layernorm.forward(acts[t])),
+        lambda acts, t: blocks[t].mlp.forward(blocks[t].post_attention_layernorm.forward(acts[t])),
     )
-    m = evaluate_transcoder(model, make_transcoder(), random_sequences(n=5), batch_size=2, progress=False)
+    m = evaluate_transcoder(model, tc, random_sequences(n=5), batch_size=2, progress=False)
     assert m["n_sequences"] == 5 and m["n_predictions"] == 5 * 10
     assert m["ce_zero_ablation"] > m["ce_original"]
     assert m["ce_replacement"] == pytest.approx(m["ce_original"], abs=1e-5)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pipeline.examples as E
 from pipeline.clt import export_transcoder, load_transcoder
 from pipeline.config import ExamplesConfig, parse_params
 from pipeline.dump import run as run_dump
-from pipeline.evaluate import encode_layer
+from pipeline.heatmap import feature_activations
 from pipeline.model import load_model
 from pipeline.store import ActivationStore
 from tests.tiny import TEXT, make_transcoder
@@ -50,7 +51,7 @@ def tiny(tmp_path_factory, tiny_model_dir):
             "top_k": 5,
             "context_before": 4,
             "context_after": 2,
-            "autocast": False,
+            "compute_dtype": "float32",
             "histogram_bins": 8,
         },
         "runtime": {"device": "cpu"},
@@ -74,7 +75,7 @@ def naive_acts(params, n_tokens=None) -> tuple[torch.Tensor, np.ndarray]:
     x = store.read("resid_mid", 0, n).float()
     positions = store.array("positions")[:n]
     with torch.no_grad():
-        acts = torch.stack([encode_layer(transcoder, x[:, l], l) for l in range(x.shape[1])])
+        acts = torch.stack([transcoder.encode_layer(x[:, l], l) for l in range(x.shape[1])])
     acts[:, positions == 0] = 0
     return acts, store.array("token_ids")[:n]
 
@@ -209,8 +210,8 @@ def test_random_examples_are_firing_contexts(tiny):
             assert sorted(got["row"] // CONTEXT) == list(np.flatnonzero(seq_max[l, :, f] > 0))
 
 
-def test_bfloat16_autocast_agrees_with_float32(tiny, fp32):
-    examples, features, _ = collect(tiny, autocast=True)
+def test_bfloat16_agrees_with_float32(tiny, fp32):
+    examples, features, _ = collect(tiny, compute_dtype="bfloat16")
     ref_examples, ref_features, _ = fp32
     np.testing.assert_allclose(features["act_max"], ref_features["act_max"], rtol=2e-2, atol=1e-2)
     # firing decisions differ only for activations within bf16 rounding of the threshold
@@ -362,6 +363,34 @@ def test_bad_input_is_a_clear_error(tiny, tmp_path):
         E.plan_scan(Empty(), transcoder, ExamplesConfig())
 
 
+def test_batches_are_read_ahead_and_stop_with_the_consumer(tiny, monkeypatch):
+    """`iter_batches` gives every row once, in order; a consumer that stops early ends the
+    reading thread, and a failed read reaches the consumer."""
+    store = ActivationStore(tiny.paths.activations)
+    batches = list(E.iter_batches(store, 1000, 256))
+    assert [start for start, _ in batches] == [0, 256, 512, 768]
+    np.testing.assert_array_equal(
+        np.concatenate([v for _, v in batches]), store.read_rows("resid_mid", 0, 1000)
+    )
+    real, reads = store.read_rows, []
+    monkeypatch.setattr(
+        store, "read_rows", lambda name, start, stop: reads.append(start) or real(name, start, stop)
+    )
+    stream = E.iter_batches(store, 2048, 16)  # 128 batches
+    next(stream)
+    stream.close()  # joins the reading thread
+    n_read = len(reads)
+    time.sleep(0.3)
+    assert len(reads) == n_read <= 3  # the one consumed, one queued, one being read
+
+    def broken(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(store, "read_rows", broken)
+    with pytest.raises(OSError, match="disk on fire"):
+        next(E.iter_batches(store, 1000, 256))
+
+
 def test_scans_a_prefix_of_whole_sequences(tiny):
     _, features, _ = collect(tiny, n_tokens=500, top_k=2)
     acts, _ = naive_acts(tiny, n_tokens=496)  # rounded down to 31 sequences of 16
@@ -385,10 +414,10 @@ def test_feature_activations_match_the_store(tiny):
     ids = store.array("token_ids")[CONTEXT : 2 * CONTEXT].tolist()  # the second stored sequence
     acts, _ = naive_acts(tiny, n_tokens=2 * CONTEXT)
     for layer, feature in [(0, 5), (2, 17)]:
-        ours = E.feature_activations(model, transcoder, ids, layer, feature)
+        ours = feature_activations(model, transcoder, ids, layer, feature)
         np.testing.assert_allclose(ours, acts[layer, CONTEXT:, feature].numpy(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match=r"no layer 3 feature 0: the transcoder has layers 0..2"):
-        E.feature_activations(model, transcoder, ids, 3, 0)
+        feature_activations(model, transcoder, ids, 3, 0)
 
 
 def test_cli_feature_and_heatmap(tiny, tmp_path):
@@ -409,7 +438,11 @@ def test_cli_feature_and_heatmap(tiny, tmp_path):
     dead = CliRunner().invoke(main, ["feature", "0", "1", "--params", str(params)])
     assert "dead" in dead.output
     missing = CliRunner().invoke(main, ["feature", "9", "1", "--params", str(params)])
-    assert "no layer 9 feature 1: layers are 0..2, features 0..23" in str(missing.exception)
+    assert missing.exit_code == 1
+    assert (
+        missing.stderr.startswith("Error: ")
+        and "no layer 9 feature 1: layers are 0..2, features 0..23" in missing.stderr
+    )
     png = tmp_path / "heat.png"
     text = "The quick brown fox jumps over the lazy dog."
     args = [

@@ -4,7 +4,6 @@ from disk and over a real HTTP server that honours Range requests."""
 import gzip
 import http.server
 import json
-import os
 import struct
 import subprocess
 import threading
@@ -18,10 +17,8 @@ from transformers import AutoTokenizer
 import pipeline.examples as E
 from pipeline import featpack
 from pipeline.featpack import FeatureReader, cantor, cantor_unpair, token_strings
+from tests.ct import CT_DIR, CT_PYTHON, CT_SKIP_REASON
 from tests.test_examples import tiny  # noqa: F401  (the module-scoped tiny store and transcoder)
-
-ROOT = Path(__file__).resolve().parents[1]
-CT_PYTHON = Path(os.environ.get("CT_PYTHON", ROOT / ".ct-venv" / "bin" / "python"))
 
 
 @pytest.fixture(scope="module")
@@ -236,10 +233,10 @@ def test_partial_utf8_tokens_are_hex_escaped_for_the_frontend(tiny_model_dir):
     assert [token_strings(tokenizer, plain)[i] for i in plain] == [tokenizer.decode([i]) for i in plain]
 
 
-@pytest.mark.skipif(not CT_PYTHON.exists(), reason="circuit-tracer venv not built (bash scripts/ct_venv.sh)")
+@pytest.mark.skipif(not CT_PYTHON.exists(), reason=CT_SKIP_REASON)
 def test_circuit_tracer_validates_every_record(packed):
     result = subprocess.run(
-        [str(CT_PYTHON), str(ROOT / "scripts" / "ct_check_features.py"), packed.paths.features],
+        [str(CT_PYTHON), str(CT_DIR / "check_features.py"), packed.paths.features],
         capture_output=True,
         text=True,
     )

@@ -1,8 +1,8 @@
 """The `graphs` stage: prompt files, graph JSON, incremental runs, and agreement with circuit-tracer."""
 
+import dataclasses
 import gzip
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -13,20 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.attribution.attribute import attribute
-from pipeline.attribution.export import cantor, graph_json
+from pipeline.attribution.attribute import Graph, attribute
+from pipeline.attribution.export import cantor, graph_json, load_graph, save_graph
 from pipeline.attribution.prune import prune
 from pipeline.clt import export_transcoder, load_transcoder
 from pipeline.config import parse_params
-from pipeline.graphs import parse_prompt, read_prompts, run
+from pipeline.graphs import parse_prompt, read_prompts, run, transcoder_scan
 from pipeline.model import _make_loadable_by_transformers_4, load_pretrained
+from tests.ct import CT_DIR, CT_PYTHON, CT_SKIP_REASON
 from tests.tiny import make_transcoder
 
-ROOT = Path(__file__).resolve().parents[1]
-CT_PYTHON = Path(os.environ.get("CT_PYTHON", ROOT / ".ct-venv" / "bin" / "python"))
-needs_ct = pytest.mark.skipif(
-    not CT_PYTHON.exists(), reason="circuit-tracer venv not built (bash scripts/ct_venv.sh)"
-)
+needs_ct = pytest.mark.skipif(not CT_PYTHON.exists(), reason=CT_SKIP_REASON)
 
 
 def test_prompt_files(tmp_path):
@@ -71,13 +68,13 @@ def tiny_params(tmp_path, tiny_model_dir):
     (prompts / "france.txt").write_text("The capital of France is\n")
     (prompts / "count.txt").write_text("One two three four\n")
 
-    def make(**graphs):
+    def make(out=tmp_path / "graphs", **graphs):
         raw = {
             "paths": {
                 "model_dir": str(model_dir),
                 "transcoder": str(tmp_path / "tc"),
                 "prompts": str(prompts),
-                "graphs": str(tmp_path / "graphs"),
+                "graphs": str(out),
                 "features": str(tmp_path / "features"),
             },
             "graphs": {"max_feature_nodes": 40, "batch_size": 16, **graphs},
@@ -91,29 +88,111 @@ def tiny_params(tmp_path, tiny_model_dir):
 def test_stage_is_incremental(tiny_params):
     make, prompts, out = tiny_params
     assert run(make(), progress=False) == {"count": "computed", "france": "computed"}
-    assert {p.name for p in out.iterdir()} == {
+    assert {str(p.relative_to(out)) for p in out.rglob("*")} == {
         "count.json",
         "count.png",
         "france.json",
         "france.png",
         "graph-metadata.json",
         "manifest.json",
+        ".cache",
+        ".cache/count.json",
+        ".cache/count.safetensors",
+        ".cache/france.json",
+        ".cache/france.safetensors",
     }
     meta = json.loads((out / "graph-metadata.json").read_text())
     assert [g["slug"] for g in meta["graphs"]] == ["count", "france"]
-    assert meta["graphs"][0]["scan"] == str(Path(make().paths.features).resolve())
+    assert meta["graphs"][0]["scan"] == "./feature-data/tiny"  # the transcoder's, from model_name
     before = (out / "france.json").read_bytes()
     (prompts / "new.txt").write_text("A stitch in time\n")
     assert run(make(), progress=False) == {"count": "kept", "france": "kept", "new": "computed"}
     assert (out / "france.json").read_bytes() == before
     (prompts / "count.txt").unlink()
-    assert run(make(), progress=False) == {"france": "kept", "new": "computed"} | {"new": "kept"}
-    assert not (out / "count.json").exists() and not (out / "count.png").exists()
+    assert run(make(), progress=False) == {"france": "kept", "new": "kept"}
+    assert not [p.name for p in out.rglob("count.*")]
     assert [g["slug"] for g in json.loads((out / "graph-metadata.json").read_text())["graphs"]] == [
         "france",
         "new",
     ]
-    assert run(make(node_threshold=0.7), progress=False) == {"france": "computed", "new": "computed"}
+    assert run(make(node_threshold=0.7), progress=False) == {"france": "pruned", "new": "pruned"}
+    assert run(make(node_threshold=0.7, png=False), progress=False) == {"france": "pruned", "new": "pruned"}
+    assert not list(out.glob("*.png"))
+    (prompts / "new.txt").write_text("A stitch in time saves\n")
+    assert run(make(node_threshold=0.7, png=False), progress=False) == {"france": "kept", "new": "computed"}
+
+
+def test_threshold_change_reprunes_from_the_cache(tiny_params, monkeypatch):
+    """Pruning and drawing parameters re-run from the cached unpruned graph, without
+    attribution, and give the same files as a fresh run with those parameters."""
+    make, _, out = tiny_params
+    run(make(), progress=False)
+
+    def no_attribution(*args, **kwargs):
+        raise AssertionError("attribute called")
+
+    with monkeypatch.context() as m:
+        m.setattr("pipeline.graphs.attribute", no_attribution)
+        changed = dict(node_threshold=0.6, edge_threshold=0.9)
+        assert run(make(**changed), progress=False) == {"count": "pruned", "france": "pruned"}
+    fresh = out.with_name("fresh")
+    assert run(make(out=fresh, **changed), progress=False) == {"count": "computed", "france": "computed"}
+    assert file_bytes(out) == file_bytes(fresh)
+    assert json.loads((out / "france.json").read_text())["metadata"]["node_threshold"] == 0.6
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "change", [{"max_feature_nodes": 20}, {"batch_size": 8}, {"update_interval": 1}, {"max_n_logits": 3}]
+)
+def test_attribution_setting_change_reattributes(tiny_params, monkeypatch, change):
+    make, _, out = tiny_params
+    run(make(), progress=False)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return attribute(*args, **kwargs)
+
+    monkeypatch.setattr("pipeline.graphs.attribute", counting)
+    assert run(make(max_n_pos=64), progress=False) == {"count": "kept", "france": "kept"}
+    assert run(make(**change), progress=False) == {"count": "computed", "france": "computed"}
+    assert len(calls) == 2 and all(c.items() >= change.items() for c in calls)
+
+
+def test_cached_graph_round_trips(tiny_model_dir, tmp_path):
+    model, tokenizer = load_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
+    model.requires_grad_(False)
+    graph = attribute(model, tokenizer, make_transcoder(), "The capital of France is", max_feature_nodes=20)
+    save_graph(graph, tmp_path, "s", key="k1")
+    assert {p.name for p in tmp_path.iterdir()} == {"s.json", "s.safetensors"}
+    loaded = load_graph(tmp_path, "s", key="k1")
+    for field in dataclasses.fields(Graph):
+        a, b = getattr(graph, field.name), getattr(loaded, field.name)
+        assert torch.equal(a, b) and a.dtype == b.dtype if isinstance(a, torch.Tensor) else a == b, field.name
+    assert load_graph(tmp_path, "s", key="k2") is None
+    assert load_graph(tmp_path, "other", key="k1") is None
+    assert "/" not in (tmp_path / "s.json").read_text()
+
+
+def test_scan_is_a_portable_name(tmp_path):
+    for name, scan in [
+        ("smollm2-135m-instruct", "./feature-data/smollm2-135m-instruct"),
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "./feature-data/SmolLM2-135M-Instruct"),
+        (str(tmp_path / "models" / "tiny model.gguf"), "./feature-data/tiny-model"),
+        (".", "./feature-data/model"),
+    ]:
+        export_transcoder(make_transcoder(), tmp_path / "tc", model_name=name)
+        assert transcoder_scan(tmp_path / "tc") == scan
+    with pytest.raises(ValueError, match="portable name"):
+        export_transcoder(make_transcoder(), tmp_path / "tc", model_name="x", scan=str(tmp_path))
+    config = tmp_path / "tc" / "config.yaml"
+    config.write_text(config.read_text().replace("scan: ./feature-data/model", f"scan: {tmp_path}"))
+    with pytest.raises(ValueError, match=r"config\.yaml.*portable name.*dvc repro train"):
+        transcoder_scan(tmp_path / "tc")
 
 
 def test_too_long_prompt_names_the_file(tiny_params):
@@ -160,7 +239,7 @@ def test_agrees_with_circuit_tracer(tmp_path, tiny_model_dir):
     transcoder = load_transcoder(tmp_path / "tc")
     # BOS written out: circuit-tracer would prepend the pad token, skipping BOS id 0 as falsy
     prompt = "<bos>The capital of France is"
-    cmd = [str(CT_PYTHON), str(ROOT / "scripts" / "ct_attribute.py"), str(model_dir), str(tmp_path / "tc")]
+    cmd = [str(CT_PYTHON), str(CT_DIR / "attribute.py"), str(model_dir), str(tmp_path / "tc")]
     cmd += [prompt, str(tmp_path / "ct.pt"), "--max-feature-nodes", "30", "--batch-size", "16"]
     cmd += ["--graph-dir", str(tmp_path / "ct_graphs"), "--slug", "s", "--scan", "/x"]
     subprocess.run(cmd, check=True, capture_output=True)

@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,6 +165,7 @@ def test_context_len_beyond_model_maximum(tiny_model_dir, tmp_path):
     params = _params(tmp_path, tiny_model_dir("llama"))
     raw = {
         "paths": vars(params.paths),
+        "model": vars(params.model),
         "corpus": {**vars(params.corpus), "context_len": 512},
         "dump": {"n_tokens": 1024, "shard_tokens": 1024},
         "runtime": {"device": "cpu"},
@@ -198,3 +200,82 @@ def test_fast_shard_writer_matches_zarr_bytes(tmp_path, aligned):
     ref_bytes = (tmp_path / "reference.zarr" / "a" / "c" / "1" / "0" / "0").read_bytes()
     assert (tmp_path / "fast.zarr" / "a" / "c" / "1" / "0" / "0").read_bytes() == ref_bytes
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "fast.zarr" / "a"))[64:128], values)
+
+
+@pytest.fixture
+def small_store(tiny_model_dir, tmp_path):
+    """A complete store of 4 shards of 64 rows (chunks of 32) and its shard size in bytes."""
+    params = _params(tmp_path, tiny_model_dir("llama"))
+    run(params, progress=False)
+    s = ActivationStore(params.paths.activations).schema
+    size = s.shard_tokens * s.n_layers * s.d_model * 2 + (s.shard_tokens // s.chunk_tokens) * 16 + 4
+    return Path(params.paths.activations), size
+
+
+def _damaged(path, kind, name, rel, problem):
+    return (
+        f"activation store {path}: {kind} {name}/{rel} of array {name!r} {problem} (a corrupted or "
+        "truncated copy); run `dvc pull` to restore it, or `dvc repro dump` to rebuild the store"
+    )
+
+
+def test_truncated_shard_is_named_when_the_store_opens(small_store):
+    path, size = small_store
+    shard = path / "mlp_out" / "c" / "1" / "0" / "0"
+    assert shard.stat().st_size == size
+    original = shard.read_bytes()
+    shard.write_bytes(original[:-10])
+    with pytest.raises(ValueError) as e:
+        ActivationStore(path)
+    assert str(e.value) == _damaged(
+        path, "shard file", "mlp_out", "c/1/0/0", f"is {size - 10} bytes, expected {size}"
+    )
+    shard.write_bytes(original)
+    ActivationStore(path)
+    ids = path / "doc_ids" / "c" / "0"  # 256 int32
+    ids.write_bytes(ids.read_bytes()[:-4])
+    with pytest.raises(ValueError) as e:
+        ActivationStore(path)
+    assert str(e.value) == _damaged(path, "file", "doc_ids", "c/0", "is 1020 bytes, expected 1024")
+
+
+def test_damaged_shard_index_is_named_when_read(small_store):
+    """A flipped byte in a shard's index keeps its size, so only a read can see it: every
+    read path names the array and the shard file instead of Zarr's bare checksum error."""
+    path, size = small_store
+    intact = ActivationStore(path).read_rows("resid_mid", 0, 64)
+    shard = path / "resid_mid" / "c" / "1" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # inside the chunk index, before its crc32c
+    shard.write_bytes(bytes(data))
+    store = ActivationStore(path)  # same size: opens
+    expected = _damaged(
+        path, "shard file", "resid_mid", "c/1/0/0", "has a chunk index that fails its crc32c checksum"
+    )
+    reads = {
+        "read": lambda: store.read("resid_mid", 64, 128),
+        "read_rows (one shard, fast path)": lambda: store.read_rows("resid_mid", 64, 128),
+        "read_rows (part of a shard)": lambda: store.read_rows("resid_mid", 70, 80),
+        "array": lambda: store.array("resid_mid")[:],
+    }
+    for how, read in reads.items():
+        with pytest.raises(ValueError) as e:
+            read()
+        assert str(e.value) == expected, how
+        assert "checksum" in str(e.value.__cause__), how  # Zarr's own error, chained
+    np.testing.assert_array_equal(store.read_rows("resid_mid", 0, 64), intact)  # other shards still read
+
+
+def test_unrelated_read_errors_propagate_unchanged(small_store, monkeypatch):
+    path, _ = small_store
+    store = ActivationStore(path)
+    error = ValueError("not about damaged files")
+
+    def fail(self, key):
+        raise error
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", fail)
+    for read in (lambda: store.read("mlp_out", 0, 10), lambda: store.array("token_ids")[:5]):
+        with pytest.raises(ValueError) as e:
+            read()
+        assert e.value is error

@@ -232,11 +232,11 @@ def test_topk_k_above_d_transcoder_names_both(tiny_store, tmp_path):
 
 
 def test_sparse_decoder_trains_like_the_dense_one(tiny_store, tmp_path):
-    # float32: with `autocast` the dense decoder multiplies in bfloat16, the sparse one
+    # float32: under a bfloat16 `compute_dtype` the dense decoder multiplies in bfloat16, the sparse one
     # gathers float32 rows, so the two runs would differ by bf16 rounding at every step
-    dense = run(_params(tmp_path / "dense", tiny_store, autocast=False), progress=False)
+    dense = run(_params(tmp_path / "dense", tiny_store, compute_dtype="float32"), progress=False)
     sparse = run(
-        _params(tmp_path / "sparse", tiny_store, sparse_decoder=True, autocast=False), progress=False
+        _params(tmp_path / "sparse", tiny_store, sparse_decoder=True, compute_dtype="float32"), progress=False
     )
     for key in ("nmse", "l0", "dead_fraction"):
         assert sparse["mean"][key] == pytest.approx(dense["mean"][key], rel=1e-3, abs=1e-6), key
@@ -246,9 +246,9 @@ def test_sparse_decoder_trains_like_the_dense_one(tiny_store, tmp_path):
 
 
 def test_bfloat16_training_matches_float32(tiny_store, tmp_path):
-    """`autocast` (bf16 matmuls, float32 parameters, threshold and loss) reaches the same
+    """`compute_dtype: bfloat16` (bf16 matmuls, float32 parameters, threshold and loss) reaches the same
     validation metrics as float32 training, to bf16 precision."""
-    bf16 = run(_params(tmp_path / "bf16", tiny_store, autocast=True), progress=False)
-    fp32 = run(_params(tmp_path / "fp32", tiny_store, autocast=False), progress=False)
+    bf16 = run(_params(tmp_path / "bf16", tiny_store, compute_dtype="bfloat16"), progress=False)
+    fp32 = run(_params(tmp_path / "fp32", tiny_store, compute_dtype="float32"), progress=False)
     assert bf16["mean"]["nmse"] == pytest.approx(fp32["mean"]["nmse"], rel=0.02)
     assert bf16["mean"]["l0"] == pytest.approx(fp32["mean"]["l0"], rel=0.05, abs=0.2)

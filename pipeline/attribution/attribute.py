@@ -36,7 +36,6 @@ from tqdm import tqdm
 
 from pipeline.attribution.replacement import LinearizedRun, linearize
 from pipeline.clt import CrossLayerTranscoder
-from pipeline.evaluate import encode_layer
 from pipeline.model import bos_token_id
 
 logger = logging.getLogger(__name__)
@@ -136,20 +135,13 @@ def _features_and_errors(run: LinearizedRun, transcoder: CrossLayerTranscoder):
     n_layers = len(run.mlp_out)
     acts = []
     for l in range(n_layers):
-        a = encode_layer(transcoder, run.mlp_in[l][0].detach().float(), l)  # (n_pos, d_tc)
+        a = transcoder.encode_layer(run.mlp_in[l][0].detach().float(), l)  # (n_pos, d_tc)
         a[0] = 0  # BOS: circuit-tracer zeroes features (and errors) at position 0
         acts.append(a)
-    # Reconstruction: one matmul per source layer into all the layers it writes (slicing
-    # W_dec per (source, target) pair made 465 strided matmuls, ~2 s on the default model).
-    errors = torch.stack([out[0].detach().float() for out in run.mlp_out]) - transcoder.b_dec[:, None].float()
-    for l, a in enumerate(acts):
-        W = transcoder.W_dec[l]  # (d_tc, n_out, d_model)
-        n_out = W.shape[1]
-        errors[l : l + n_out] -= (
-            (a @ W.reshape(W.shape[0], -1).float()).reshape(len(a), n_out, -1).transpose(0, 1)
-        )
-    errors[:, 0] = 0
     dense = torch.stack(acts)  # (n_layers, n_pos, d_tc)
+    mlp_out = torch.stack([out[0].detach().float() for out in run.mlp_out])  # (n_layers, n_pos, d_model)
+    errors = mlp_out - transcoder.decode(dense).transpose(0, 1)
+    errors[:, 0] = 0
     index = dense.nonzero()  # sorted by (layer, pos, feature)
     return index, dense[tuple(index.t())], errors
 

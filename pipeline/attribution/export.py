@@ -1,9 +1,15 @@
-"""Writing pruned graphs as circuit-tracer graph JSON (FORMATS.md §2) and as PNG pictures.
+"""Writing graphs: pruned ones as circuit-tracer graph JSON (FORMATS.md §2) and as PNG
+pictures, unpruned ones as a cache file pair to prune again later.
 
 The JSON matches circuit-tracer's `create_graph_files`: the same node ids and fields (in
 the field order of its pydantic `Node`), links `{source, target, weight}` for kept edges
 between kept nodes, only nodes that have a link (tokens and logits always), and
 `graph-metadata.json` listing every graph of the folder.
+
+An unpruned `Graph` is saved as `{name}.safetensors` (its tensors; of the adjacency only
+the rows of features and logits and the columns of non-logits, the only entries that can
+be non-zero) plus `{name}.json` (the rest, and the caller's `key`). The JSON is removed
+first and written last, so a pair whose JSON exists is complete; never pickle.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+import torch
 
 from pipeline.attribution.attribute import Graph
 from pipeline.attribution.prune import Pruned
@@ -129,6 +137,68 @@ def write_json_atomic(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+GRAPH_FORMAT = 1
+"""Version of the `save_graph` files; `load_graph` reads only this one."""
+
+
+def save_graph(graph: Graph, folder: Path, name: str, *, key: str) -> None:
+    """Write `graph` as `folder/{name}.safetensors` + `folder/{name}.json` (see the module
+    docstring), recording `key`, which `load_graph` must be given back."""
+    from safetensors.torch import save_file
+
+    n_features, n_logits = len(graph.selected), len(graph.logit_ids)
+    A = graph.adjacency
+    assert not A[n_features:-n_logits].any() and not A[:, -n_logits:].any()  # errors, tokens: no inputs
+    rows = torch.cat([A[:n_features], A[-n_logits:]])[
+        :, :-n_logits
+    ]  # (n_features + n_logits, n_nodes - n_logits)
+    tensors = {
+        "input_ids": graph.input_ids,
+        "active_features": graph.active_features.int(),
+        "activations": graph.activations,
+        "selected": graph.selected,
+        "logit_ids": graph.logit_ids,
+        "logit_probs": graph.logit_probs,
+        "rows": rows,
+    }
+    meta = {"format": GRAPH_FORMAT, "key": key, "prompt": graph.prompt, "n_layers": graph.n_layers}
+    (folder / f"{name}.json").unlink(missing_ok=True)
+    tmp = folder / f"{name}.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, folder / f"{name}.safetensors")
+    write_json_atomic(folder / f"{name}.json", meta)
+
+
+def load_graph(folder: Path, name: str, *, key: str) -> Graph | None:
+    """The graph `save_graph` wrote with the same `key`, or None if there is none."""
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((folder / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    tensors = folder / f"{name}.safetensors"
+    if meta.get("format") != GRAPH_FORMAT or meta.get("key") != key or not tensors.is_file():
+        return None
+    t = load_file(tensors)
+    n_features, n_logits = len(t["selected"]), len(t["logit_ids"])
+    n_nodes = t["rows"].shape[1] + n_logits
+    adjacency = torch.zeros(n_nodes, n_nodes)
+    adjacency[:n_features, :-n_logits] = t["rows"][:n_features]
+    adjacency[-n_logits:, :-n_logits] = t["rows"][n_features:]
+    return Graph(
+        prompt=meta["prompt"],
+        input_ids=t["input_ids"],
+        active_features=t["active_features"].long(),
+        activations=t["activations"],
+        selected=t["selected"],
+        logit_ids=t["logit_ids"],
+        logit_probs=t["logit_probs"],
+        adjacency=adjacency,
+        n_layers=meta["n_layers"],
+    )
 
 
 def write_graph_metadata(folder: Path, slugs: list[str]) -> None:

@@ -1,6 +1,6 @@
 """Run circuit-tracer's own `attribute` (nnsight backend) on one prompt (run with .ct-venv's python).
 
-    .ct-venv/bin/python scripts/ct_attribute.py MODEL_DIR TRANSCODER_DIR PROMPT OUT.pt \
+    .ct-venv/bin/python ct/attribute.py MODEL_DIR TRANSCODER_DIR PROMPT OUT.pt \
         [--max-feature-nodes N] [--batch-size B] [--max-n-logits K] [--desired-logit-prob P]
 
 OUT.pt gets the unpruned graph (`adjacency`, `active_features`, `selected_features`,

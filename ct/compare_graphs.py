@@ -1,9 +1,9 @@
 """Compare our attribution graph with circuit-tracer's on the same model, transcoder and prompt.
 
-    python -m scripts.compare_graphs [--prompt "The capital of France is"] [--max-feature-nodes 256]
+    python -m ct.compare_graphs [--prompt "The capital of France is"] [--max-feature-nodes 256]
 
-Builds circuit-tracer's separate venv if missing (`scripts/ct_venv.sh`), runs its
-`attribute` (nnsight backend, float32, CPU) through `scripts/ct_attribute.py`, runs ours with
+Builds circuit-tracer's separate venv if missing (`ct/venv.sh`), runs its
+`attribute` (nnsight backend, float32, CPU) through `ct/attribute.py`, runs ours with
 the same settings, matches nodes by identity (feature = (layer, pos, index), error =
 (layer, pos), token = pos, logit = token id) and prints the agreement of the adjacency on
 the shared nodes: the largest |ours - theirs| relative to the largest |edge|, and the
@@ -27,7 +27,8 @@ from pipeline.attribution.attribute import attribute
 from pipeline.clt import load_transcoder
 from pipeline.model import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 CT_PYTHON = ROOT / ".ct-venv" / "bin" / "python"
 
 
@@ -79,10 +80,10 @@ def main() -> None:
     parser.add_argument("--rtol", type=float, default=1e-3)
     args = parser.parse_args()
     if not CT_PYTHON.exists():
-        subprocess.run(["bash", str(ROOT / "scripts" / "ct_venv.sh")], check=True)
+        subprocess.run(["bash", str(HERE / "venv.sh")], check=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ct.pt"
-        cmd = [str(CT_PYTHON), str(ROOT / "scripts" / "ct_attribute.py"), str(Path(args.model_dir).resolve())]
+        cmd = [str(CT_PYTHON), str(HERE / "attribute.py"), str(Path(args.model_dir).resolve())]
         cmd += [str(Path(args.transcoder).resolve()), args.prompt, str(out)]
         cmd += ["--max-feature-nodes", str(args.max_feature_nodes), "--batch-size", str(args.batch_size)]
         subprocess.run(cmd, check=True)

@@ -1,6 +1,6 @@
 """Run circuit-tracer's own CLT loader and encoder on saved inputs (run with .ct-venv's python).
 
-    .ct-venv/bin/python scripts/ct_encode.py TRANSCODER_DIR INPUTS.pt OUTPUTS.pt
+    .ct-venv/bin/python ct/encode.py TRANSCODER_DIR INPUTS.pt OUTPUTS.pt
 
 INPUTS.pt holds `x` (n_layers, n_pos, d_model) float32 MLP inputs. OUTPUTS.pt gets `acts`
 (n_layers, n_pos, d_transcoder) from `CrossLayerTranscoder.encode` (or, for a transcoder

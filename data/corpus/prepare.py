@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Build the project's default text corpus from Debian-packaged English prose.
 
-Output: data/corpus/default.jsonl.gz -- gzip (mtime 0) of JSON lines, one
-document per line: {"text": "...", "source": "<short source name>"}.
+Output: data/corpus/default.jsonl.gz, beside this script -- gzip (mtime 0) of
+JSON lines, one document per line: {"text": "...", "source": "<short source name>"}.
 
 Sources (all public domain or permissively licensed; see data/corpus/README.md):
 
@@ -23,7 +23,7 @@ with
     apt-get install bible-kjv bible-kjv-text python3.11-doc wordnet-base \
         jargon-text dict-devil
 
-and run `python scripts/build_corpus.py` from the repository root.  The output
+and run `python data/corpus/prepare.py` (from any directory).  The output
 is deterministic: inputs are read in sorted order, per-source subsampling and
 the final shuffle use fixed seeds, and the gzip header carries mtime 0.
 """
@@ -42,8 +42,7 @@ import sys
 from pathlib import Path
 
 SEED = 20240601
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "data" / "corpus" / "default.jsonl.gz"
+DEFAULT_OUT = Path(__file__).resolve().parent / "default.jsonl.gz"
 
 # Per-source character budgets (None = take everything).  Sources larger than
 # their budget are subsampled by whole documents with a fixed seed, so the
@@ -75,7 +74,7 @@ def check_inputs() -> None:
     missing = [pkg for pkg, files in PKG_FILES.items() if not all(os.path.exists(f) for f in files)]
     if missing:
         sys.stderr.write(
-            "build_corpus.py: missing input files from Debian packages: "
+            "prepare.py: missing input files from Debian packages: "
             + ", ".join(missing)
             + "\nInstall them with:\n    apt-get update && apt-get install -y "
             + " ".join(missing)

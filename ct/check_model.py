@@ -3,8 +3,8 @@
 Runs under either venv (imports only torch and transformers), so it can compare the project's
 .venv (transformers 5.x) with .ct-venv (circuit-tracer's transformers 4.57.x):
 
-    .venv/bin/python    scripts/ct_check_model.py --save /tmp/logits_main.pt
-    .ct-venv/bin/python scripts/ct_check_model.py --save /tmp/logits_ct.pt --compare /tmp/logits_main.pt
+    .venv/bin/python    ct/check_model.py --save /tmp/logits_main.pt
+    .ct-venv/bin/python ct/check_model.py --save /tmp/logits_ct.pt --compare /tmp/logits_main.pt
 
 Prints transformers' version, the model's rope theta as loaded, the top-1 next token for the
 prompt, and (with --compare) the max abs float32 logit difference against another run's logits.

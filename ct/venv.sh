@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a SEPARATE venv with the reference implementation `circuit-tracer` (PyPI), used by
 # tests and benchmarks to compare against our own code. Never touches ./.venv.
+#   bash ct/venv.sh
 #   CT_VENV   venv path (default: <repo>/.ct-venv)
 #   PYTHON    interpreter used to create it (default: python3)
 #   TORCH_SPEC torch requirement (default: torch==2.13.0; a local CPU wheel is served for it)

@@ -1,7 +1,7 @@
 """Validate every record of a packed features folder with circuit-tracer's own pydantic model
 (run with .ct-venv's python).
 
-    .ct-venv/bin/python scripts/ct_check_features.py FEATURES_DIR_OR_URL
+    .ct-venv/bin/python ct/check_features.py FEATURES_DIR_OR_URL
 
 Reads the folder with `pipeline.featpack.FeatureReader` (standard library only), which
 follows the frontend's protocol: index.json.gz, a byte range per feature, the 4-byte length

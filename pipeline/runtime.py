@@ -1,0 +1,85 @@
+"""Where and how the pipeline runs: device, dtypes, threads, logging, and the stage runner.
+
+Every stage entry point (`python -m stages.<name>`) and every `clt` command goes through
+`run_stage` / `report_error`, so a user error (a bad params value, a missing file, a
+corrupted store) prints one `Error: ...` line on stderr instead of a traceback. Set
+`CLT_DEBUG=1` (or pass `clt --debug`) to get the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""The dtype names params.yaml and the activation store use, and their torch dtypes."""
+
+DEBUG_ENV = "CLT_DEBUG"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` means CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`runtime.device` is {name!r} but CUDA is not available; use auto or cpu")
+    return device
+
+
+def configure_torch(num_threads: int) -> None:
+    """Apply `runtime.num_threads` (0 keeps torch's default)."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log to stderr with timestamps; used by the stage entry points and the CLI."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
+
+
+def report_error(error: BaseException) -> int:
+    """Print `error` as one `Error:` line on stderr; returns the exit code: 2 for a bad
+    params value (a usage error), 1 for anything else."""
+    from pipeline.config import ParamsError
+
+    if isinstance(error, (ValueError, OSError)):  # ours say what, where and the fix
+        message = str(error)
+    else:  # a failure of another kind: name it, and how to see where it happened
+        message = f"{type(error).__name__}: {error} (set {DEBUG_ENV}=1 for the traceback)"
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"Error: {message}", file=sys.stderr)
+    return 2 if isinstance(error, ParamsError) else 1
+
+
+def run_stage(run: Callable, params_path: str = "params.yaml") -> None:
+    """Set up logging, read and validate `params.yaml` (a bad value stops here, before any
+    work), apply the `runtime` settings, then call `run(params)`. An error exits with one
+    `Error:` line (`report_error`), or its traceback with `CLT_DEBUG=1`."""
+    from pipeline.config import load_params
+
+    setup_logging()
+    try:
+        params = load_params(params_path)
+        configure_torch(params.runtime.num_threads)
+        run(params)
+    except Exception as e:
+        if debug_enabled():
+            raise
+        sys.exit(report_error(e))
