@@ -14,10 +14,8 @@ Training happens in a normalised space: inputs and targets of layer l are multip
 scalars `input_scale[l]`, `output_scale[l]` chosen so that E||x|| = sqrt(d_model); `export`
 folds them into the weights so the saved transcoder works on raw activations.
 
-The JumpReLU threshold gets gradients through a straight-through estimator with a
-rectangle kernel of width `bandwidth` (Rajamanoharan et al. 2024,
-https://arxiv.org/abs/2407.14435): d a / d threshold = -(threshold / bandwidth) *
-rect((h - threshold) / bandwidth).
+The JumpReLU threshold is trained through a straight-through estimator, and all layers
+decode at once, dense or token-level sparse: `pipeline/clt_ops.py`.
 """
 
 from __future__ import annotations
@@ -25,15 +23,16 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from pipeline.atomic import staged
+from pipeline.clt_ops import Decode, SparseDecode, batch_topk_mask, jumprelu, ste_window, topk_mask
 
 
 @dataclass(frozen=True)
@@ -52,203 +51,6 @@ class CLTShape:
     def n_out(self, layer: int) -> int:
         """How many layers the decoder of `layer` writes to."""
         return self.n_layers - layer if self.kind == "clt" else 1
-
-
-class _JumpReLU(torch.autograd.Function):
-    """a = h * (h > threshold), with the rectangle-kernel STE for the threshold."""
-
-    @staticmethod
-    def forward(ctx, h, threshold, bandwidth: float):
-        mask = h > threshold
-        ctx.save_for_backward(h, threshold, mask)
-        ctx.bandwidth = bandwidth
-        return h * mask
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, threshold, mask = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_h = grad * mask
-        window = ste_window(h, threshold, eps).to(grad.dtype)
-        grad_threshold = -(threshold / eps) * window * grad
-        grad_threshold = grad_threshold.sum_to_size(threshold.shape)
-        return grad_h, grad_threshold, None
-
-
-def jumprelu(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    return _JumpReLU.apply(h, threshold, bandwidth)
-
-
-def ste_window(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    """Where the threshold's straight-through estimator is nonzero: |h - threshold| < bandwidth / 2.
-
-    There the threshold's gradient needs dL/da even for inactive features (a = 0)."""
-    return (h - threshold).abs() < bandwidth / 2
-
-
-def _topk_mask(h: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the top `k` of the last dim (per layer and token)."""
-    idx = h.topk(k, dim=-1).indices
-    return torch.zeros_like(h, dtype=torch.bool).scatter_(-1, idx, True)
-
-
-def _batch_topk_mask(h: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the top `k * n_tokens` of each layer across the batch: h (n_layers, n_tokens, d_tc)."""
-    n_layers, n_tokens, _ = h.shape
-    flat = h.reshape(n_layers, -1)
-    idx = flat.topk(k * n_tokens, dim=-1).indices
-    return torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True).view_as(h)
-
-
-class _Decode(torch.autograd.Function):
-    """All decoders at once, dense: out (n_tokens, n_layers * d_model) from acts (n_layers, n_tokens, d_tc).
-
-    Layer l's decoder writes the columns of every layer from l on (`n_out * d_model`
-    columns), one contiguous column block: each layer is a single in-place `addmm_` into a
-    strided view, and the backward pass reads the same blocks of the gradient. Computes in
-    the dtype of `acts` and `W_dec` (bfloat16 matmuls accumulate in float32 inside).
-    """
-
-    @staticmethod
-    def forward(ctx, acts, d_model: int, *W_dec):
-        n_layers, n_tokens, _ = acts.shape
-        out = acts.new_zeros(n_tokens, n_layers * d_model)
-        for l, W in enumerate(W_dec):  # W: (d_tc, n_out * d_model)
-            out[:, l * d_model : l * d_model + W.shape[1]].addmm_(acts[l], W)
-        ctx.save_for_backward(acts, *W_dec)
-        ctx.d_model = d_model
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        acts, *W_dec = ctx.saved_tensors
-        d = ctx.d_model
-        grad = grad.to(acts.dtype)
-        grad_acts = torch.empty_like(acts)
-        grad_W = []
-        for l, W in enumerate(W_dec):
-            g = grad[:, l * d : l * d + W.shape[1]]  # (n_tokens, n_out * d_model)
-            torch.mm(g, W.t(), out=grad_acts[l])
-            grad_W.append(acts[l].t() @ g)
-        return grad_acts, None, *grad_W
-
-
-def _group_starts(key: torch.Tensor, n_groups: int, n: int) -> torch.Tensor:
-    """For a sorted `key` = group * n + item: where each item's run begins, counted from its
-    group's start: (n_groups, n)."""
-    counts = torch.bincount(key, minlength=n_groups * n).view(n_groups, n)
-    return counts.cumsum(1) - counts
-
-
-@dataclass(frozen=True)
-class _Pairs:
-    """The (layer, token, feature) triples where a mask (n_layers, n_tokens, d_tc) is true,
-    sorted by layer then token, found for all layers at once (few large ops rather than
-    many small ones); `offsets[l]` (n_tokens,) is where each token's pairs begin within
-    layer l's: the bags of `embedding_bag`."""
-
-    layer: torch.Tensor  # (nnz,)
-    token: torch.Tensor  # (nnz,)
-    feature: torch.Tensor  # (nnz,)
-    sizes: list[int]  # pairs per layer
-    offsets: torch.Tensor  # (n_layers, n_tokens)
-
-    @classmethod
-    def where(cls, mask: torch.Tensor) -> _Pairs:
-        n_layers, n_tokens, _ = mask.shape
-        layer, token, feature = mask.nonzero(as_tuple=True)  # row-major: sorted by (layer, token)
-        sizes = torch.bincount(layer, minlength=n_layers).tolist()
-        return cls(layer, token, feature, sizes, _group_starts(layer * n_tokens + token, n_layers, n_tokens))
-
-    def per_layer(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """A (nnz,) tensor split into its layers' parts."""
-        return t.split(self.sizes)
-
-
-class _SparseDecode(torch.autograd.Function):
-    """All decoders at once, token-level sparse: out (n_tokens, n_layers * d_model) from
-    acts (n_layers, n_tokens, d_tc).
-
-    Per layer, only the nonzero (token, feature) pairs are touched, so the cost scales
-    with their number (n_tokens * L0), not with n_tokens * d_transcoder:
-    - forward: each token's output sums its active features' decoder rows, weighted by
-      their activations (`embedding_bag` with `per_sample_weights`, one bag per token);
-    - grad W_dec: each feature's row sums the output gradients of the tokens it is active
-      on, weighted by its activations (`embedding_bag` with one bag per feature);
-    - grad acts: the dot product of the feature's decoder row with the token's output
-      gradient (`embedding_bag`'s own per-sample-weight gradient), at the pairs of
-      `grad_mask` (n_layers, n_tokens, d_tc), by default the active ones, and 0 elsewhere.
-      Every activation here passes back zero gradient to h where a = 0, but the JumpReLU
-      threshold's straight-through estimator also needs dL/da at inactive features just
-      below the threshold (`ste_window`), so `CrossLayerTranscoder.forward` adds those.
-    It computes in W_dec's dtype (the float32 parameters, autocast off inside): casting
-    all of W_dec to bfloat16 would read and write every row, not only the active ones.
-    """
-
-    @staticmethod
-    def forward(ctx, acts, grad_mask, d_model: int, *W_dec):
-        n_layers, n_tokens, _ = acts.shape
-        out = acts.new_zeros(n_tokens, n_layers * d_model, dtype=W_dec[0].dtype)
-        active = _Pairs.where(acts != 0)
-        value = acts[active.layer, active.token, active.feature].to(out.dtype)
-        with torch.autocast(acts.device.type, enabled=False):
-            for l, (W, feature, v) in enumerate(
-                zip(W_dec, active.per_layer(active.feature), active.per_layer(value))
-            ):
-                y = F.embedding_bag(feature, W, active.offsets[l], mode="sum", per_sample_weights=v)
-                out[:, l * d_model : l * d_model + W.shape[1]] += y  # W: (d_tc, n_out * d_model)
-        ctx.save_for_backward(*W_dec)
-        ctx.active, ctx.value = active, value
-        ctx.grad_pairs = active if grad_mask is None else _Pairs.where(grad_mask)
-        ctx.d_model, ctx.acts_shape, ctx.acts_dtype = d_model, acts.shape, acts.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        W_dec = ctx.saved_tensors
-        d = ctx.d_model
-        n_layers, _, d_tc = ctx.acts_shape
-        want_acts = ctx.needs_input_grad[0]
-        want_W = [ctx.needs_input_grad[3 + l] for l in range(n_layers)]
-        q, p = ctx.grad_pairs, ctx.active
-        q_features = q.per_layer(q.feature)
-        q_tokens = q.per_layer(q.token)
-        # the active pairs grouped by (layer, feature), for W_dec's gradient
-        by_feature = torch.argsort(p.layer * d_tc + p.feature, stable=True)
-        feature_offsets = _group_starts((p.layer * d_tc + p.feature)[by_feature], n_layers, d_tc)
-        tokens_by_feature = p.per_layer(p.token[by_feature])
-        values_by_feature = p.per_layer(ctx.value[by_feature])
-        grad_values, grad_W = [], []
-        with torch.autocast(grad.device.type, enabled=False):
-            for l, W in enumerate(W_dec):
-                g = grad[:, l * d : l * d + W.shape[1]].to(W.dtype).contiguous()  # (n_tokens, n_out * d)
-                if want_acts:
-                    grad_values.append(
-                        torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                            g,
-                            W,
-                            q_features[l],
-                            q.offsets[l],
-                            q_tokens[l],
-                            0,  # mode 0: sum
-                        )
-                    )
-                grad_W.append(
-                    F.embedding_bag(
-                        tokens_by_feature[l],
-                        g,
-                        feature_offsets[l],
-                        mode="sum",
-                        per_sample_weights=values_by_feature[l],
-                    )
-                    if want_W[l]
-                    else None
-                )
-        grad_acts = None
-        if want_acts:
-            grad_acts = grad.new_zeros(ctx.acts_shape, dtype=ctx.acts_dtype)
-            grad_acts[q.layer, q.token, q.feature] = torch.cat(grad_values).to(ctx.acts_dtype)
-        return grad_acts, None, None, *grad_W
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -295,7 +97,7 @@ class CrossLayerTranscoder(nn.Module):
             if bandwidth > 0 and torch.is_grad_enabled():
                 return jumprelu(h.float(), threshold, bandwidth).to(h.dtype)
             return h * (h > threshold.to(h.dtype))
-        mask = _topk_mask(h, self.shape.k) if kind == "topk" else _batch_topk_mask(h, self.shape.k)
+        mask = topk_mask(h, self.shape.k) if kind == "topk" else batch_topk_mask(h, self.shape.k)
         return torch.relu(h) * mask
 
     def decode(
@@ -303,7 +105,7 @@ class CrossLayerTranscoder(nn.Module):
     ) -> torch.Tensor:
         """Every layer's MLP output: acts (n_layers, n_tokens, d_tc) -> (n_tokens, n_layers, d_model).
 
-        `sparse` touches only the nonzero (token, feature) pairs (`_SparseDecode`); it pays
+        `sparse` touches only the nonzero (token, feature) pairs (`pipeline.clt_ops.SparseDecode`); it pays
         when L0 is a small fraction of d_transcoder (`python -m bench.train`). Its gradient
         with respect to `acts` is computed only where `grad_mask` (default: `acts != 0`) is
         true, and is 0 elsewhere.
@@ -312,10 +114,10 @@ class CrossLayerTranscoder(nn.Module):
         d = self.shape.d_model
         if sparse:
             W_dec = [W.flatten(1) for W in self.W_dec]  # (d_tc, n_out * d_model) each, no copy
-            out = _SparseDecode.apply(acts, grad_mask, d, *W_dec).view(n_tokens, L, d).to(acts.dtype)
+            out = SparseDecode.apply(acts, grad_mask, d, *W_dec).view(n_tokens, L, d).to(acts.dtype)
         else:
             W_dec = [W.to(acts.dtype).flatten(1) for W in self.W_dec]
-            out = _Decode.apply(acts, d, *W_dec).view(n_tokens, L, d)
+            out = Decode.apply(acts, d, *W_dec).view(n_tokens, L, d)
         return out + self.b_dec.to(acts.dtype)
 
     def forward(self, x: torch.Tensor, *, bandwidth: float = 0.0, sparse: bool = False):
@@ -407,7 +209,7 @@ def raw_space_weights(model: CrossLayerTranscoder) -> dict[str, list[torch.Tenso
 def export_transcoder(
     model: CrossLayerTranscoder, out: str | Path, *, model_name: str, scan: str | None = None
 ):
-    """Write circuit-tracer's on-disk format (FORMATS.md §1), atomically.
+    """Write circuit-tracer's on-disk format (docs/formats.md, "Transcoder folder"), atomically.
 
     `clt`: `W_enc_{i}.safetensors` (W_enc_i [d_tc, d_model], b_enc_i, b_dec_i, threshold_i)
     and `W_dec_{i}.safetensors` (W_dec_i [d_tc, n_layers - i, d_model]).
@@ -415,7 +217,7 @@ def export_transcoder(
     activation_function.threshold). Plus `config.yaml`.
 
     Its `scan` (where the frontend asks for feature examples) is a portable name, never a
-    path (FORMATS.md §3): by default `./feature-data/<name>` with <name> the model's name
+    path (docs/formats.md): by default `./feature-data/<name>` with <name> the model's name
     without folders or `.gguf` (`smollm2-135m-instruct`, `org/SmolLM2` -> `SmolLM2`).
     """
     import yaml
@@ -430,45 +232,43 @@ def export_transcoder(
         )
     if model.shape.activation != "jumprelu":
         raise ValueError("only JumpReLU transcoders can be exported; calibrate thresholds first")
-    out = Path(out)
-    tmp = out.with_name(out.name + ".export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     w = raw_space_weights(model)
-    for i in range(model.shape.n_layers):
-        if model.shape.kind == "clt":
-            save_file(
-                {
-                    f"W_enc_{i}": w["W_enc"][i],
-                    f"b_enc_{i}": w["b_enc"][i],
-                    f"b_dec_{i}": w["b_dec"][i],
-                    f"threshold_{i}": w["threshold"][i],
-                },
-                tmp / f"W_enc_{i}.safetensors",
-            )
-            save_file({f"W_dec_{i}": w["W_dec"][i]}, tmp / f"W_dec_{i}.safetensors")
-        else:
-            save_file(
-                {
-                    "W_enc": w["W_enc"][i],
-                    "W_dec": w["W_dec"][i][:, 0].contiguous(),
-                    "b_enc": w["b_enc"][i],
-                    "b_dec": w["b_dec"][i],
-                    "activation_function.threshold": w["threshold"][i],
-                },
-                tmp / f"layer_{i}.safetensors",
-            )
     config = {
         "model_kind": "cross_layer_transcoder" if model.shape.kind == "clt" else "transcoder_set",
         **HOOKS,
         "model_name": model_name,
         "scan": scan,  # always set: circuit-tracer would fall back to the folder's own path
     }
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    out = Path(out)
+    with staged(out, suffix=".export", folder=True) as tmp:
+        for i in range(model.shape.n_layers):
+            for filename, tensors in _layer_files(w, i, model.shape.kind).items():
+                save_file(tensors, tmp / filename)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return out
+
+
+def _layer_files(w: dict[str, list[torch.Tensor]], i: int, kind: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Layer `i`'s files of an exported folder, by name: their tensors (see `export_transcoder`)."""
+    if kind == "clt":
+        return {
+            f"W_enc_{i}.safetensors": {
+                f"W_enc_{i}": w["W_enc"][i],
+                f"b_enc_{i}": w["b_enc"][i],
+                f"b_dec_{i}": w["b_dec"][i],
+                f"threshold_{i}": w["threshold"][i],
+            },
+            f"W_dec_{i}.safetensors": {f"W_dec_{i}": w["W_dec"][i]},
+        }
+    return {
+        f"layer_{i}.safetensors": {
+            "W_enc": w["W_enc"][i],
+            "W_dec": w["W_dec"][i][:, 0].contiguous(),
+            "b_enc": w["b_enc"][i],
+            "b_dec": w["b_dec"][i],
+            "activation_function.threshold": w["threshold"][i],
+        }
+    }
 
 
 def load_transcoder(folder: str | Path) -> CrossLayerTranscoder:

@@ -36,11 +36,11 @@ from pipeline.model import (
     max_context,
 )
 from pipeline.runtime import resolve_device, torch_dtype
+from pipeline.shards import aligned_empty
 from pipeline.store import (
     ACTIVATIONS,
     StoreSchema,
     StoreWriter,
-    aligned_empty,
     hash_arrays,
     storage_dtype,
     to_torch,

@@ -1,4 +1,4 @@
-"""Packed features: circuit-tracer's binary feature format (FORMATS.md §3), written from the
+"""Packed features: circuit-tracer's binary feature format (docs/formats.md), written from the
 examples tables (`pack_features`) and read back the way the frontend reads it (`FeatureReader`).
 
 The packed folder:
@@ -27,8 +27,9 @@ bytes.
 5. parse the JSON.
 
 It reads a folder on disk or an http(s) URL served by anything that honours Range requests
-(circuit-tracer's `start-server --features_dir`, for one). This module imports only the
-standard library at the top, so circuit-tracer's own environment can use the reader
+(e.g. `python -m http.server` does not; a real web server or object store does). At the top
+it imports only the standard library and our standard-library-only `atomic` and `cantor`,
+so circuit-tracer's own environment can use the reader
 (`ct/check_features.py`).
 """
 
@@ -37,15 +38,15 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import math
-import os
 import re
-import shutil
 import struct
 import time
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pipeline.atomic import staged
+from pipeline.cantor import cantor_unpair
 
 if TYPE_CHECKING:
     from pipeline.config import Params
@@ -54,19 +55,6 @@ logger = logging.getLogger(__name__)
 
 GROUP_NAMES = {"top": "Top activations", "random": "Random firing examples"}
 """`quantile_name` of each examples group; intervals are named by their activation range."""
-
-
-def cantor(layer: int, feature: int) -> int:
-    """The graph node's `feature` of (layer, feature): (l + f)(l + f + 1) / 2 + f."""
-    return (layer + feature) * (layer + feature + 1) // 2 + feature
-
-
-def cantor_unpair(z: int) -> tuple[int, int]:
-    """(layer, feature) of a node's `feature`, as the frontend's `util.cantorUnpair` (exactly,
-    with an integer square root)."""
-    w = (math.isqrt(8 * z + 1) - 1) // 2
-    feature = z - w * (w + 1) // 2
-    return w - feature, feature
 
 
 class FeatureReader:
@@ -95,7 +83,7 @@ class FeatureReader:
                     raise ValueError(
                         f"{url} ignored the Range header (status {r.status}, not 206), so the frontend "
                         "would show the wrong feature; serve the folder with a server that honours Range "
-                        "requests, e.g. circuit-tracer's `start-server --features_dir`"
+                        "requests (nginx, an object store)"
                     )
                 return r.read()
         path = Path(self.location) / name
@@ -316,7 +304,6 @@ def pack_features(
     """Write the packed folder `out` from the examples tables in `examples_dir`, atomically;
     returns counts, bytes and seconds."""
     import pyarrow.parquet as pq
-    from tqdm import tqdm
 
     start = time.perf_counter()
     examples_dir, out = Path(examples_dir), Path(out)
@@ -329,9 +316,17 @@ def pack_features(
     meta = json.loads(pq.ParquetFile(paths["features"]).schema_arrow.metadata[b"clt_examples"])
     transcoder_id = f"{meta.get('model', 'model')}/{Path(meta['transcoder']).name}"
     layers = sorted(set(pq.read_table(paths["features"], columns=["layer"]).column("layer").to_pylist()))
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    with staged(out, folder=True) as staging:
+        counts = _write_layers(staging, paths, layers, tokenizer, transcoder_id, compresslevel, progress)
+    seconds = time.perf_counter() - start
+    return {**counts, "seconds": seconds}
+
+
+def _write_layers(staging: Path, paths, layers, tokenizer, transcoder_id, compresslevel, progress) -> dict:
+    """Every layer's `layer_{l}.bin` and the `index.json.gz` into folder `staging`."""
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
     index, strings = {}, {}
     n_features = n_dead = 0
     bar = tqdm(total=len(layers), desc="pack", unit="layer", disable=not progress)
@@ -353,11 +348,7 @@ def pack_features(
     bar.close()
     (staging / "index.json.gz").write_bytes(gzip.compress(json.dumps(index).encode(), mtime=0))
     n_bytes = sum(p.stat().st_size for p in staging.iterdir())
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
-    seconds = time.perf_counter() - start
-    return {"n_features": n_features, "n_dead": n_dead, "bytes": n_bytes, "seconds": seconds}
+    return {"n_features": n_features, "n_dead": n_dead, "bytes": n_bytes}
 
 
 def run(params: Params, *, progress: bool = True) -> dict:

@@ -15,14 +15,14 @@ target per line, each a JSON string holding exactly one token, e.g.
 Graphs are computed in float32 whatever `model.dtype` is: bf16 edges would be off by ~0.4%.
 
 Output (`paths.graphs`), a persistent DVC output (kept between runs):
-- `{slug}.json` in circuit-tracer's graph format (FORMATS.md §2), `{slug}.png` (with
+- `{slug}.json` in circuit-tracer's graph format (docs/formats.md, "Graphs"), `{slug}.png` (with
   `graphs.png`) and `graph-metadata.json`;
 - `.cache/{slug}.safetensors` + `.cache/{slug}.json`: the unpruned graph
   (`export.save_graph`), so that pruning and drawing re-run without attribution;
 - `manifest.json`: the output key of each graph.
 
 `metadata.scan` is the transcoder's `scan` (its config.yaml; circuit-tracer also takes a
-graph's scan from its transcoder): a portable name `./feature-data/<name>` (FORMATS.md §3)
+graph's scan from its transcoder): a portable name `./feature-data/<name>` (docs/formats.md)
 where `export_transcoder` makes <name> from the model's name (`model.name` without folders
 or `.gguf`, e.g. `./feature-data/smollm2-135m-instruct`). No artifact holds a path, so two
 checkouts write the same bytes.
@@ -63,6 +63,7 @@ import pipeline.attribution.replacement
 import pipeline.clt
 import pipeline.model
 import pipeline.splice
+from pipeline.atomic import staged, write_json
 from pipeline.attribution.attribute import Graph, attribute
 from pipeline.attribution.export import (
     draw_graph,
@@ -70,7 +71,6 @@ from pipeline.attribution.export import (
     load_graph,
     save_graph,
     write_graph_metadata,
-    write_json_atomic,
 )
 from pipeline.attribution.prune import prune
 from pipeline.config import GraphsConfig, Params
@@ -216,7 +216,7 @@ def transcoder_scan(folder: str | Path) -> str:
     if not isinstance(scan, str) or not scan or os.path.isabs(scan):
         raise ValueError(
             f"{path} has `scan: {scan!r}`; graphs need a portable name such as ./feature-data/<name> "
-            "(FORMATS.md §3): re-run `dvc repro train`, or set it in that file"
+            "(docs/formats.md): re-run `dvc repro train`, or set it in that file"
         )
     return scan
 
@@ -272,12 +272,11 @@ def write_outputs(graph: Graph, tokenizer, prompt: Prompt, cfg: GraphsConfig, sc
     data = graph_json(
         graph, pruned, tokenizer, slug=prompt.slug, scan=scan, node_threshold=cfg.node_threshold
     )
-    write_json_atomic(out / f"{prompt.slug}.json", data)
+    write_json(out / f"{prompt.slug}.json", data)
     png = out / f"{prompt.slug}.png"
     if cfg.png:
-        tmp = out / f"{prompt.slug}.png.tmp"
-        draw_graph(data, tmp)
-        os.replace(tmp, png)
+        with staged(png, suffix=".tmp") as tmp:
+            draw_graph(data, tmp)
     else:
         png.unlink(missing_ok=True)
     return data
@@ -320,7 +319,7 @@ def run(params: Params, *, progress: bool = True) -> dict[str, str]:
         graph, status[prompt.slug] = unpruned_graph(model, tokenizer, transcoder, prompt, cfg, cache, key)
         data = write_outputs(graph, tokenizer, prompt, cfg, scan, out)
         manifest[prompt.slug] = keys[prompt.slug]
-        write_json_atomic(manifest_path, dict(sorted(manifest.items())))
+        write_json(manifest_path, dict(sorted(manifest.items())))
         logger.info(
             "%s (%s): %d nodes, %d links",
             prompt.slug,
@@ -330,6 +329,6 @@ def run(params: Params, *, progress: bool = True) -> dict[str, str]:
         )
     for prompt in prompts:
         status.setdefault(prompt.slug, "kept")
-    write_json_atomic(manifest_path, dict(sorted(manifest.items())))
+    write_json(manifest_path, dict(sorted(manifest.items())))
     write_graph_metadata(out, [p.slug for p in prompts])
     return status

@@ -18,13 +18,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from pipeline.atomic import staged
 
 logger = logging.getLogger(__name__)
 
@@ -189,15 +189,11 @@ def materialize(name: str, out_dir: str | Path) -> Path:
         del model.config.quantization_config
         model.hf_quantizer = None
         model.is_quantized = False
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    _make_loadable_by_transformers_4(staging)
-    (staging / "source.json").write_text(json.dumps({"model.name": name}, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
+    with staged(out_dir) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        _make_loadable_by_transformers_4(staging)
+        (staging / "source.json").write_text(json.dumps({"model.name": name}, indent=2) + "\n")
     logger.info("materialised %s (%s) at %s", name, type(model).__name__, out_dir)
     return out_dir
 

@@ -18,7 +18,8 @@ writes whole shards only, records each finished shard in `progress.json` (atomic
 resumes after the last finished shard when started again with the same schema, and
 finally marks the group `complete` and renames it into place. `ActivationStore` refuses a
 store that is not complete, has missing chunks or a file of the wrong size, so a reader
-never sees fill values; a read that fails Zarr's checksum names the damaged file.
+never sees fill values; a read that fails Zarr's checksum names the damaged file. Whole
+shards are read and written as single files, without Zarr's copies (`pipeline.shards`).
 """
 
 from __future__ import annotations
@@ -27,10 +28,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import mmap
-import os
 import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +36,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from numcodecs import CRC32C
+
+from pipeline.atomic import move_into_place, write_json
+from pipeline.shards import (
+    fast_path_ok,
+    file_layout,
+    file_problem,
+    read_shard_file,
+    write_shard_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +55,6 @@ _STORAGE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
 # Write chunks even when they equal the fill value, so "every chunk exists" is the test
 # of a complete store (zarr skips such chunks by default).
 _ALWAYS_WRITE = {"write_empty_chunks": True}
-_PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -115,148 +120,6 @@ def nonfinite_layers(values: np.ndarray, logical: str, block: int = 256) -> np.n
     return bad
 
 
-def _fast_path_ok(array: zarr.Array) -> bool:
-    """True when shards are raw little-endian chunks plus a crc32c-checked index at the end."""
-    codecs = json.loads(json.dumps(array.metadata.to_dict()["codecs"]))  # tuples -> lists
-    if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
-        return False
-    conf = codecs[0]["configuration"]
-    return (
-        conf["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}]
-        and conf["index_codecs"]
-        == [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
-        and conf.get("index_location", "end") == "end"
-        and sys.byteorder == "little"
-        and conf["chunk_shape"][1:] == list(array.shape[1:])
-    )
-
-
-def _file_layout(array: zarr.Array) -> dict[str, tuple[int, int]] | None:
-    """`{path inside the array's folder: (file size, index size)}` of every storage file of
-    `array` in the uncompressed layouts `StoreWriter` writes; None for any other layout.
-
-    A shard file holds its chunks that overlap the array (each padded to full size), then
-    an index of 16 bytes per chunk of the shard and its 4-byte crc32c (index size 0: no
-    index, for unsharded arrays).
-    """
-    codecs = json.loads(json.dumps(array.metadata.to_dict()["codecs"]))  # tuples -> lists
-    chunk_bytes = int(np.prod(array.chunks)) * array.dtype.itemsize
-    if array.shards is None:
-        if codecs != [{"name": "bytes", "configuration": {"endian": "little"}}]:
-            return None
-        grid = [-(-n // c) for n, c in zip(array.shape, array.chunks)]
-        return {"c/" + "/".join(map(str, i)): (chunk_bytes, 0) for i in np.ndindex(*grid)}
-    if not _fast_path_ok(array):
-        return None
-    rows, chunk_rows, shard_rows = array.shape[0], array.chunks[0], array.shards[0]
-    per_shard, n_chunks = shard_rows // chunk_rows, -(-rows // chunk_rows)
-    tail = per_shard * 16 + 4
-    return {
-        f"c/{i}/0/0": (min(per_shard, n_chunks - i * per_shard) * chunk_bytes + tail, tail)
-        for i in range(-(-rows // shard_rows))
-    }
-
-
-def _file_problem(path: Path, size: int, index_size: int, *, read_index: bool) -> str | None:
-    """What is wrong with storage file `path`, which should be `size` bytes and end with an
-    index of `index_size` bytes, or None if nothing is; `read_index` also checks the index's
-    crc32c (a read, where the size check is a stat)."""
-    try:
-        found = path.stat().st_size
-    except FileNotFoundError:
-        return "is missing"
-    if found != size:
-        return f"is {found} bytes, expected {size}"
-    if read_index and index_size:
-        with open(path, "rb") as f:
-            f.seek(size - index_size)
-            index = f.read(index_size)
-        if bytes(CRC32C().encode(index[:-4])) != index:
-            return "has a chunk index that fails its crc32c checksum"
-    return None
-
-
-def write_shard_file(path: Path, values: np.ndarray, chunk_rows: int) -> None:
-    """Write one full shard in Zarr's `sharding_indexed` layout, without Zarr's copies.
-
-    With uncompressed inner chunks that span every non-token dimension, a shard is the
-    shard's rows as raw bytes (chunk after chunk) followed by an index of (offset, nbytes)
-    per chunk and its crc32c. Zarr's own encoder copies the data three times; this writes
-    the buffer directly, with O_DIRECT where the file system and alignment allow so the
-    kernel does not copy it into the page cache either. `tests/test_store.py` checks the
-    bytes equal Zarr's.
-    """
-    values = np.ascontiguousarray(values)
-    n_chunks = len(values) // chunk_rows
-    chunk_bytes = values[:chunk_rows].nbytes
-    index = np.empty((n_chunks, 2), dtype="<u8")
-    index[:, 0] = np.arange(n_chunks, dtype=np.uint64) * chunk_bytes
-    index[:, 1] = chunk_bytes
-    tail = bytes(CRC32C().encode(index.tobytes()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = memoryview(values.reshape(-1).view(np.uint8))
-    _write_direct(path, data)
-    with open(path, "ab") as f:
-        f.write(tail)
-
-
-def read_shard_file(path: Path, shape: tuple[int, ...], dtype, chunk_rows: int) -> np.ndarray | None:
-    """Read a shard written in the raw layout of `write_shard_file` as one file read.
-
-    Returns None (the caller then reads through Zarr) unless the file's index, checked
-    with its crc32c, says the chunks are stored back to back in order.
-    """
-    out = np.empty(shape, dtype)
-    data = memoryview(out.reshape(-1).view(np.uint8))
-    n_chunks = shape[0] // chunk_rows
-    tail = n_chunks * 16 + 4
-    with open(path, "rb") as f:
-        if f.readinto(data) != len(data):
-            return None
-        index_bytes = f.read(tail + 1)
-    if len(index_bytes) != tail:
-        return None
-    index = np.frombuffer(index_bytes[:-4], dtype="<u8").reshape(n_chunks, 2)
-    chunk_bytes = len(data) // n_chunks
-    expected = np.stack(
-        [np.arange(n_chunks, dtype=np.uint64) * chunk_bytes, np.full(n_chunks, chunk_bytes)], 1
-    )
-    if not np.array_equal(index, expected) or bytes(CRC32C().encode(index_bytes[:-4])) != index_bytes:
-        return None
-    return out
-
-
-def _write_direct(path: Path, data: memoryview) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    aligned = (
-        hasattr(os, "O_DIRECT")
-        and len(data) % _PAGE == 0
-        and np.frombuffer(data, np.uint8, count=1).ctypes.data % _PAGE == 0
-    )
-    if aligned:
-        try:
-            fd = os.open(path, flags | os.O_DIRECT)
-        except OSError:  # e.g. tmpfs
-            aligned = False
-    if not aligned:
-        fd = os.open(path, flags)
-    try:
-        written = 0
-        while written < len(data):
-            written += os.write(fd, data[written : written + (1 << 30)])
-    finally:
-        os.close(fd)
-
-
-def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An uninitialised array on page-aligned memory (anonymous mmap), pre-faulted."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buf = mmap.mmap(-1, max(nbytes, 1))
-    array = np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
-    array.view(np.uint8).reshape(-1)[::_PAGE] = 0  # touch every page now, not in the hot loop
-    return array
-
-
 class StoreWriter:
     """Creates (or resumes) a store in `<path>.partial` and writes it one shard at a time."""
 
@@ -272,7 +135,7 @@ class StoreWriter:
         else:
             self._create(token_ids, doc_ids, positions)
             self.shards_done = 0
-        self._fast = {n: _fast_path_ok(self.group[n]) for n in ACTIVATIONS}
+        self._fast = {n: fast_path_ok(self.group[n]) for n in ACTIVATIONS}
 
     def _resumable(self) -> bool:
         if not self._progress.is_file():
@@ -334,9 +197,7 @@ class StoreWriter:
         self._write_progress(0)
 
     def _write_progress(self, shards_done: int) -> None:
-        tmp = self._progress.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"shards_done": shards_done}))
-        os.replace(tmp, self._progress)
+        write_json(self._progress, {"shards_done": shards_done})
 
     def write_shard(self, shard: int, activations: dict[str, np.ndarray]) -> None:
         """Write shard `shard` of every activation array; shards must come in order.
@@ -384,9 +245,7 @@ class StoreWriter:
             raise RuntimeError(f"finalize after {self.shards_done}/{self.schema.n_shards} shards")
         self.group.attrs["complete"] = True
         self._progress.unlink()
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self.staging, self.path)
+        move_into_place(self.staging, self.path)
         return self.path
 
 
@@ -434,9 +293,9 @@ class ActivationStore:
     def _damage(self, name: str, *, read_index: bool) -> str | None:
         """The error message for the first damaged storage file of array `name`, or None
         when every file has its expected size (and, with `read_index`, a valid index)."""
-        layout = _file_layout(self.group[name])
+        layout = file_layout(self.group[name])
         for rel, (size, index_size) in (layout or {}).items():
-            problem = _file_problem(self.path / name / rel, size, index_size, read_index=read_index)
+            problem = file_problem(self.path / name / rel, size, index_size, read_index=read_index)
             if problem is not None:
                 return (
                     f"activation store {self.path}: {'shard ' if index_size else ''}file {name}/{rel} "
@@ -485,7 +344,7 @@ class ActivationStore:
             name in ACTIVATIONS
             and start % s.shard_tokens == 0
             and stop - start == s.shard_tokens
-            and self._fast.setdefault(name, _fast_path_ok(self.group[name]))
+            and self._fast.setdefault(name, fast_path_ok(self.group[name]))
         ):
             path = self.path / name / "c" / str(start // s.shard_tokens) / "0" / "0"
             shape = (s.shard_tokens, s.n_layers, s.d_model)

@@ -20,7 +20,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.atomic import staged
 from pipeline.clt import CLTShape, CrossLayerTranscoder, export_transcoder
 from pipeline.config import Params, TrainConfig
 from pipeline.loader import ActivationLoader, Batch, rows_mask
@@ -136,7 +136,7 @@ class Checkpoint:
     def load(self) -> dict | None:
         if not self.path.is_file():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
         if state.get("fingerprint") != self.fingerprint:
             logger.warning("ignoring %s: written with other settings", self.path)
             return None
@@ -144,9 +144,8 @@ class Checkpoint:
 
     def save(self, **state) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({"fingerprint": self.fingerprint, **state}, tmp)
-        os.replace(tmp, self.path)
+        with staged(self.path, suffix=".tmp") as tmp:
+            torch.save({"fingerprint": self.fingerprint, **state}, tmp)
 
 
 def build_transcoder(store: ActivationStore, cfg: TrainConfig) -> CrossLayerTranscoder:

@@ -1,5 +1,5 @@
 """`pack` stage: the examples in circuit-tracer's packed feature format (`index.json.gz` plus
-one `layer_{l}.bin` per layer, FORMATS.md §3), for the attribution-graph frontend.
+one `layer_{l}.bin` per layer, docs/formats.md, "Packed features"), for the attribution-graph frontend.
 """
 
 from pipeline.featpack import run

@@ -16,7 +16,8 @@ from transformers import AutoTokenizer
 
 import pipeline.examples as E
 from pipeline import featpack
-from pipeline.featpack import FeatureReader, cantor, cantor_unpair, token_strings
+from pipeline.cantor import cantor, cantor_unpair
+from pipeline.featpack import FeatureReader, token_strings
 from tests.ct import CT_DIR, CT_PYTHON, CT_SKIP_REASON
 from tests.test_examples import tiny  # noqa: F401  (the module-scoped tiny store and transcoder)
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from pipeline.attribution.attribute import Graph, attribute
-from pipeline.attribution.export import cantor, graph_json, load_graph, save_graph
+from pipeline.attribution.export import graph_json, load_graph, save_graph
 from pipeline.attribution.prune import prune
+from pipeline.cantor import cantor
 from pipeline.clt import export_transcoder, load_transcoder
 from pipeline.config import parse_params
 from pipeline.graphs import parse_prompt, read_prompts, run, transcoder_scan

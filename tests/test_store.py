@@ -176,7 +176,7 @@ def test_context_len_beyond_model_maximum(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("aligned", [True, False])
 def test_fast_shard_writer_matches_zarr_bytes(tmp_path, aligned):
-    from pipeline.store import _fast_path_ok, aligned_empty, write_shard_file
+    from pipeline.shards import aligned_empty, fast_path_ok, write_shard_file
 
     def make(name):
         group = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w")
@@ -194,7 +194,7 @@ def test_fast_shard_writer_matches_zarr_bytes(tmp_path, aligned):
     values = aligned_empty((64, 4, 512), np.uint16) if aligned else np.empty((64, 4, 512), np.uint16)
     values[:] = np.random.randint(0, 65535, size=values.shape, dtype=np.uint16)
     reference, fast = make("reference"), make("fast")
-    assert _fast_path_ok(fast)
+    assert fast_path_ok(fast)
     reference[64:128] = values
     write_shard_file(tmp_path / "fast.zarr" / "a" / "c" / "1" / "0" / "0", values, chunk_rows=16)
     ref_bytes = (tmp_path / "reference.zarr" / "a" / "c" / "1" / "0" / "0").read_bytes()

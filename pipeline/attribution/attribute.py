@@ -18,9 +18,10 @@ the same as circuit-tracer's `attribute`):
    point; contracting with each source's output vector gives the direct effects: a feature
    writes a_s * W_dec_s into every layer it decodes to, an error its error vector, a token
    its embedding.
-5. `attribute`: the rows of all logits first; then features in order of their estimated
-   influence on the logits (`partial_influences`, re-estimated every `update_interval`
-   batches) until `max_feature_nodes` features have rows.
+5. `attribute`: the rows of all logits first (`_add_logit_rows`); then features
+   (`_add_feature_rows`) in order of their estimated influence on the logits
+   (`_next_features` ranks them by `partial_influences`, re-estimated every
+   `update_interval` batches) until `max_feature_nodes` features have rows.
 6. `assemble_graph`: the adjacency matrix A[target, source] over nodes in circuit-tracer's
    order: [selected features, errors (layer-major), tokens, logits].
 """
@@ -262,6 +263,25 @@ def partial_influences(
     raise RuntimeError("influence estimate did not converge")
 
 
+@dataclass
+class _Rows:
+    """The rows computed so far: row i < `filled` of `edges` holds the direct effects on the
+    node `row_nodes[i]` (a feature's index into `active_features`, or a logit's column)."""
+
+    edges: torch.Tensor
+    """(n_features + n_logits, n_active + (n_layers + 1) * n_pos + n_logits) float32, on CPU."""
+    row_nodes: torch.Tensor
+    """(n_features + n_logits,) long."""
+    filled: int = 0
+
+    def append(self, rows: torch.Tensor, nodes: torch.Tensor) -> None:
+        """Add `rows` (batch, n_cols) from `compute_rows` as the rows of `nodes` (batch,)."""
+        end = self.filled + len(nodes)
+        self.edges[self.filled : end, : rows.shape[1]] = rows.cpu()
+        self.row_nodes[self.filled : end] = nodes
+        self.filled = end
+
+
 def attribute(
     model: nn.Module,
     tokenizer,
@@ -280,7 +300,6 @@ def attribute(
     parameters, and the raw-space `transcoder` on the same device)."""
     input_ids = tokenize_prompt(tokenizer, prompt).to(next(model.parameters()).device)
     state = run_replacement(model, transcoder, input_ids)
-    n_layers, n_pos = state.n_layers, state.n_pos
     logit_ids, logit_probs, logit_vectors = select_logit_targets(
         state.run.logits[-1],
         model.get_output_embeddings().weight,
@@ -289,46 +308,95 @@ def attribute(
         token_ids=target_token_ids,
     )
     n_active, n_logits = len(state.activations), len(logit_ids)
-    logit_offset = n_active + (n_layers + 1) * n_pos
     n_features = min(max_feature_nodes if max_feature_nodes is not None else n_active, n_active)
     logger.info("%d active features; %d logit targets; rows for %d features", n_active, n_logits, n_features)
 
-    edges = torch.zeros(n_features + n_logits, logit_offset + n_logits)
-    row_nodes = torch.zeros(n_features + n_logits, dtype=torch.long)
+    logit_offset = n_active + (state.n_layers + 1) * state.n_pos
+    rows = _Rows(
+        edges=torch.zeros(n_features + n_logits, logit_offset + n_logits),
+        row_nodes=torch.zeros(n_features + n_logits, dtype=torch.long),
+    )
+    _add_logit_rows(state, rows, logit_vectors, batch_size=batch_size)
+    visited = _add_feature_rows(
+        state,
+        rows,
+        logit_probs,
+        n_features=n_features,
+        batch_size=batch_size,
+        update_interval=update_interval,
+        progress=progress,
+    )
+    return assemble_graph(
+        prompt, input_ids, state, visited, rows.edges, rows.row_nodes, logit_ids, logit_probs
+    )
+
+
+def _add_logit_rows(state: ReplacementState, rows: _Rows, logit_vectors: torch.Tensor, *, batch_size: int):
+    """The rows of the logit targets `logit_vectors` (n_logits, d_model), read at the last
+    position of the unembedding's input, in batches of `batch_size`."""
+    n_logits = len(logit_vectors)
+    logit_offset = len(state.activations) + (state.n_layers + 1) * state.n_pos
     for i in range(0, n_logits, batch_size):
         j = min(i + batch_size, n_logits)
-        layers = torch.full((j - i,), n_layers)
-        positions = torch.full((j - i,), n_pos - 1)
-        edges[i:j, :logit_offset] = compute_rows(state, layers, positions, logit_vectors[i:j]).cpu()
-        row_nodes[i:j] = torch.arange(i, j) + logit_offset
+        layers = torch.full((j - i,), state.n_layers)
+        positions = torch.full((j - i,), state.n_pos - 1)
+        rows.append(
+            compute_rows(state, layers, positions, logit_vectors[i:j]), torch.arange(i, j) + logit_offset
+        )
 
-    encoder_vectors = transcoder.W_enc.detach()  # (n_layers, d_model, d_tc)
+
+def _add_feature_rows(
+    state: ReplacementState,
+    rows: _Rows,
+    logit_probs: torch.Tensor,
+    *,
+    n_features: int,
+    batch_size: int,
+    update_interval: int,
+    progress: bool,
+) -> torch.Tensor:
+    """The rows of `n_features` features, queued by `_next_features`, in batches of
+    `batch_size`; each feature's target is its encoder row read at its layer's MLP input.
+    Returns `visited` (n_active,) bool: the features that have rows."""
+    encoder_vectors = state.transcoder.W_enc.detach()  # (n_layers, d_model, d_tc)
     feats = state.active_features
-    visited = torch.zeros(n_active, dtype=torch.bool)
-    filled = n_logits
+    n_logits = len(logit_probs)
+    visited = torch.zeros(len(state.activations), dtype=torch.bool)
     bar = tqdm(total=n_features, desc="attribution", unit="feature", disable=not progress, leave=False)
-    while filled - n_logits < n_features:
-        if n_features == n_active:
-            pending = torch.arange(n_active)
-        else:
-            influence = partial_influences(edges[:filled], logit_probs, row_nodes[:filled])
-            order = torch.argsort(influence[:n_active], descending=True)
-            queue = min(update_interval * batch_size, n_features - (filled - n_logits))
-            pending = order[~visited[order]][:queue]
-            # Same rows in any order; batches of similar layers stop their backward pass and
-            # their feature columns early (a target at layer l only needs layers < l).
-            pending = pending[torch.argsort(feats[pending, 0].cpu(), stable=True)]
+    while rows.filled - n_logits < n_features:
+        queue = min(update_interval * batch_size, n_features - (rows.filled - n_logits))
+        pending = _next_features(state, rows, logit_probs, visited, n_features=n_features, queue=queue)
         for start in range(0, len(pending), batch_size):
             idx = pending[start : start + batch_size]
             vectors = encoder_vectors[feats[idx, 0], :, feats[idx, 2]]
-            rows = compute_rows(state, feats[idx, 0], feats[idx, 1], vectors)
-            edges[filled : filled + len(idx), :logit_offset] = rows.cpu()
-            row_nodes[filled : filled + len(idx)] = idx
+            rows.append(compute_rows(state, feats[idx, 0], feats[idx, 1], vectors), idx)
             visited[idx] = True
-            filled += len(idx)
             bar.update(len(idx))
     bar.close()
-    return assemble_graph(prompt, input_ids, state, visited, edges, row_nodes, logit_ids, logit_probs)
+    return visited
+
+
+def _next_features(
+    state: ReplacementState,
+    rows: _Rows,
+    logit_probs: torch.Tensor,
+    visited: torch.Tensor,
+    *,
+    n_features: int,
+    queue: int,
+) -> torch.Tensor:
+    """The features whose rows come next: all active features when every one gets a row;
+    otherwise the `queue` unvisited ones of highest `partial_influences` on the logits
+    (estimated from the rows so far), grouped by layer."""
+    n_active = len(state.activations)
+    if n_features == n_active:
+        return torch.arange(n_active)
+    influence = partial_influences(rows.edges[: rows.filled], logit_probs, rows.row_nodes[: rows.filled])
+    order = torch.argsort(influence[:n_active], descending=True)
+    pending = order[~visited[order]][:queue]
+    # Same rows in any order; batches of similar layers stop their backward pass and
+    # their feature columns early (a target at layer l only needs layers < l).
+    return pending[torch.argsort(state.active_features[pending, 0].cpu(), stable=True)]
 
 
 def assemble_graph(prompt, input_ids, state, visited, edges, row_nodes, logit_ids, logit_probs) -> Graph:

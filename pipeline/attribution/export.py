@@ -1,4 +1,4 @@
-"""Writing graphs: pruned ones as circuit-tracer graph JSON (FORMATS.md §2) and as PNG
+"""Writing graphs: pruned ones as circuit-tracer graph JSON (docs/formats.md, "Graphs") and as PNG
 pictures, unpruned ones as a cache file pair to prune again later.
 
 The JSON matches circuit-tracer's `create_graph_files`: the same node ids and fields (in
@@ -15,18 +15,14 @@ first and written last, so a pair whose JSON exists is complete; never pickle.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from pipeline.atomic import staged, write_json
 from pipeline.attribution.attribute import Graph
 from pipeline.attribution.prune import Pruned
-
-
-def cantor(x: int, y: int) -> int:
-    """Cantor pairing: the frontend's feature id of feature y of layer x."""
-    return (x + y) * (x + y + 1) // 2 + y
+from pipeline.cantor import cantor
 
 
 def _node(node_id, feature, layer, ctx_idx, feature_type, js_node_id, **extra) -> dict:
@@ -133,12 +129,6 @@ def graph_json(
     return {"metadata": metadata, "qParams": qparams, "nodes": used, "links": links}
 
 
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 GRAPH_FORMAT = 1
 """Version of the `save_graph` files; `load_graph` reads only this one."""
 
@@ -165,10 +155,9 @@ def save_graph(graph: Graph, folder: Path, name: str, *, key: str) -> None:
     }
     meta = {"format": GRAPH_FORMAT, "key": key, "prompt": graph.prompt, "n_layers": graph.n_layers}
     (folder / f"{name}.json").unlink(missing_ok=True)
-    tmp = folder / f"{name}.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, folder / f"{name}.safetensors")
-    write_json_atomic(folder / f"{name}.json", meta)
+    with staged(folder / f"{name}.safetensors", suffix=".tmp") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    write_json(folder / f"{name}.json", meta)
 
 
 def load_graph(folder: Path, name: str, *, key: str) -> Graph | None:
@@ -204,7 +193,7 @@ def load_graph(folder: Path, name: str, *, key: str) -> Graph | None:
 def write_graph_metadata(folder: Path, slugs: list[str]) -> None:
     """`graph-metadata.json`: the metadata of the graphs `{slug}.json` in `folder`."""
     graphs = [json.loads((folder / f"{slug}.json").read_text())["metadata"] for slug in sorted(slugs)]
-    write_json_atomic(folder / "graph-metadata.json", {"graphs": graphs})
+    write_json(folder / "graph-metadata.json", {"graphs": graphs})
 
 
 def _printable(text: str) -> str:

@@ -6,22 +6,25 @@ the model with its attention patterns and normalisation denominators frozen at t
 values on the prompt and each MLP replaced by the transcoder's reconstruction plus a
 constant error term. Everything left is linear in the token embeddings and the MLP
 outputs, so direct effects are gradients. `linearize` builds that model on a plain
-transformers model with hooks (no TransformerLens, no nnsight):
+transformers model with hooks (no TransformerLens, no nnsight): `_hooked` registers the
+forward hooks of `_Hooks` for one run, and `_frozen_attention` swaps the attention function:
 
-- attention: the model's own attention function runs with `query` and `key` detached
-  (so the pattern is exactly the model's, but carries no gradient); with `frozen` given,
-  query and key are replaced by those recorded on the clean run, so the pattern stays
-  frozen when an intervention changes the residual stream;
-- norms (RMSNorm, Gemma's RMSNorm with `1 + weight`, LayerNorm): the denominator
-  rsqrt(mean(x^2) + eps) (or the variance for LayerNorm) is computed from a detached input,
-  or taken from the clean run under `frozen`; the mean subtraction of LayerNorm stays
-  (it is linear);
-- MLP outputs (`hook_mlp_out`) and the token embedding become leaf tensors holding the
-  real values (or given replacement values): gradients stop at them, and they are the
-  "write points" where the graph's source nodes (features, errors, tokens) add into the
-  residual stream;
-- recorded: each layer's MLP input (`hook_resid_mid`, where a feature's pre-activation is
-  read) and the input of the unembedding (after the final norm, where logits are read).
+- attention (`_frozen_attention`): the model's own attention function runs with `query`
+  and `key` detached (so the pattern is exactly the model's, but carries no gradient); with
+  `frozen` given, query and key are replaced by those recorded on the clean run, so the
+  pattern stays frozen when an intervention changes the residual stream;
+- norms (RMSNorm, Gemma's RMSNorm with `1 + weight`, LayerNorm; `_Hooks.on_norm`, which
+  calls `_frozen_norm`): the denominator rsqrt(mean(x^2) + eps) (or the variance for
+  LayerNorm) is computed from a detached input, or taken from the clean run under `frozen`;
+  the mean subtraction of LayerNorm stays (it is linear);
+- MLP outputs (`hook_mlp_out`; `_Hooks.on_mlp_out`) and the token embedding
+  (`_Hooks.on_embed`) become leaf tensors holding the real values (or given replacement
+  values): gradients stop at them, and they are the "write points" where the graph's
+  source nodes (features, errors, tokens) add into the residual stream;
+- recorded (`_Hooks.on_mlp_in`, `_Hooks.on_unembed`): each layer's MLP input
+  (`hook_resid_mid`, where a feature's pre-activation is read) and the input of the
+  unembedding (after the final norm, where logits are read); `_Hooks.result` gathers them
+  into a `LinearizedRun`.
 """
 
 from __future__ import annotations
@@ -129,6 +132,92 @@ def _frozen_attention(model: nn.Module, state: FrozenState, replay: bool) -> Ite
             model.set_attn_implementation(previous)
 
 
+class _Hooks:
+    """The forward hooks of one `linearize` run, and the leaves and MLP inputs they record.
+
+    With `replay`, norms take their scales from `state`; otherwise they record them there.
+    `embed` / `mlp_out`, when given, replace the values the leaves hold.
+    """
+
+    def __init__(
+        self,
+        state: FrozenState,
+        *,
+        replay: bool,
+        embed: torch.Tensor | None,
+        mlp_out: list[torch.Tensor] | None,
+    ):
+        self.state, self.replay = state, replay
+        self.embed, self.mlp_out = embed, mlp_out
+        self.leaves: dict[str, torch.Tensor] = {}
+        self.mlp_in: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def leaf(value: torch.Tensor, replacement: torch.Tensor | None) -> torch.Tensor:
+        value = value if replacement is None else replacement.to(value.dtype)
+        return value.detach().clone().requires_grad_(True)
+
+    def on_embed(self, module, args, output):
+        self.leaves["embed"] = self.leaf(output, self.embed)
+        return self.leaves["embed"]
+
+    def on_mlp_in(self, module, args, kwargs, *, layer):
+        self.mlp_in[layer] = args[0] if args else kwargs["hidden_states"]
+
+    def on_mlp_out(self, module, args, output, *, layer):
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = self.leaf(hidden, None if self.mlp_out is None else self.mlp_out[layer])
+        self.leaves[f"mlp_{layer}"] = new
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    def on_norm(self, module, args, output, *, kind):
+        scale = self.state.scales.get(module) if self.replay else None
+        y, scale = _frozen_norm(module, args[0], kind, scale)
+        self.state.scales[module] = scale
+        return y
+
+    def on_unembed(self, module, args):
+        self.leaves["final"] = args[0]
+
+    def result(self, logits: torch.Tensor, n_layers: int) -> LinearizedRun:
+        """The `LinearizedRun` of the model's `logits` (1, n_pos, d_vocab) and what was recorded."""
+        return LinearizedRun(
+            logits=logits[0].detach().float(),
+            embed=self.leaves["embed"],
+            mlp_out=[self.leaves[f"mlp_{l}"] for l in range(n_layers)],
+            mlp_in=[self.mlp_in[l] for l in range(n_layers)],
+            final=self.leaves["final"],
+            frozen=self.state,
+        )
+
+
+@contextlib.contextmanager
+def _hooked(model: nn.Module, hooks: _Hooks) -> Iterator[None]:
+    """Register `hooks` on every norm, the embedding, each MLP's input and output and the
+    unembedding's input; remove them all on exit."""
+    arch = get_architecture(model)
+    trunk, blocks = get_trunk(model), get_layers(model)
+    handles = []
+    try:
+        for module in model.modules():
+            kind = _norm_kind(module)
+            if kind is not None:
+                handles.append(module.register_forward_hook(functools.partial(hooks.on_norm, kind=kind)))
+        handles.append(getattr(trunk, arch.embed).register_forward_hook(hooks.on_embed))
+        for l, block in enumerate(blocks):
+            pre = functools.partial(hooks.on_mlp_in, layer=l)
+            handles.append(
+                block.get_submodule(arch.mlp_input).register_forward_pre_hook(pre, with_kwargs=True)
+            )
+            post = functools.partial(hooks.on_mlp_out, layer=l)
+            handles.append(block.get_submodule(arch.mlp_output).register_forward_hook(post))
+        handles.append(model.get_output_embeddings().register_forward_pre_hook(hooks.on_unembed))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def linearize(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -144,64 +233,9 @@ def linearize(
     (each (1, n_pos, d_model)) may replace the embedding and MLP outputs: the result is
     then the frozen, linear model's response to that intervention.
     """
-    arch = get_architecture(model)
-    trunk, blocks = get_trunk(model), get_layers(model)
     replay = frozen is not None
     state = frozen or FrozenState()
-    leaves: dict[str, torch.Tensor] = {}
-    mlp_in: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def leaf(value: torch.Tensor, replacement: torch.Tensor | None) -> torch.Tensor:
-        value = value if replacement is None else replacement.to(value.dtype)
-        return value.detach().clone().requires_grad_(True)
-
-    def on_embed(module, args, output):
-        leaves["embed"] = leaf(output, embed)
-        return leaves["embed"]
-
-    def on_mlp_in(module, args, kwargs, *, layer):
-        mlp_in[layer] = args[0] if args else kwargs["hidden_states"]
-
-    def on_mlp_out(module, args, output, *, layer):
-        hidden = output[0] if isinstance(output, tuple) else output
-        new = leaf(hidden, None if mlp_out is None else mlp_out[layer])
-        leaves[f"mlp_{layer}"] = new
-        return (new, *output[1:]) if isinstance(output, tuple) else new
-
-    def on_norm(module, args, output, *, kind):
-        y, scale = _frozen_norm(module, args[0], kind, state.scales.get(module) if replay else None)
-        state.scales[module] = scale
-        return y
-
-    def on_unembed(module, args):
-        leaves["final"] = args[0]
-
-    try:
-        for module in model.modules():
-            kind = _norm_kind(module)
-            if kind is not None:
-                handles.append(module.register_forward_hook(functools.partial(on_norm, kind=kind)))
-        handles.append(getattr(trunk, arch.embed).register_forward_hook(on_embed))
-        for l, block in enumerate(blocks):
-            pre = functools.partial(on_mlp_in, layer=l)
-            handles.append(
-                block.get_submodule(arch.mlp_input).register_forward_pre_hook(pre, with_kwargs=True)
-            )
-            post = functools.partial(on_mlp_out, layer=l)
-            handles.append(block.get_submodule(arch.mlp_output).register_forward_hook(post))
-        handles.append(model.get_output_embeddings().register_forward_pre_hook(on_unembed))
-        with _frozen_attention(model, state, replay), torch.enable_grad():
-            logits = model(input_ids=input_ids[None], use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
-    n_layers = len(blocks)
-    return LinearizedRun(
-        logits=logits[0].detach().float(),
-        embed=leaves["embed"],
-        mlp_out=[leaves[f"mlp_{l}"] for l in range(n_layers)],
-        mlp_in=[mlp_in[l] for l in range(n_layers)],
-        final=leaves["final"],
-        frozen=state,
-    )
+    hooks = _Hooks(state, replay=replay, embed=embed, mlp_out=mlp_out)
+    with _hooked(model, hooks), _frozen_attention(model, state, replay), torch.enable_grad():
+        logits = model(input_ids=input_ids[None], use_cache=False).logits
+    return hooks.result(logits, len(get_layers(model)))

@@ -10,8 +10,6 @@ reads one small row group.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
+from pipeline.atomic import staged
 from pipeline.config import ExamplesConfig
 from pipeline.examples.scan import Chunk, Scan
 from pipeline.examples.stats import FeatureState
@@ -150,9 +149,12 @@ def write_tables(
 ) -> Path:
     """`examples.parquet` and `features.parquet` in folder `out`, written atomically."""
     out = Path(out)
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    with staged(out, folder=True) as staging:
+        _write_tables(staging, states, lens, scan, cfg, store, metadata)
+    return out
+
+
+def _write_tables(staging: Path, states, lens, scan: Scan, cfg: ExamplesConfig, store, metadata) -> None:
     store_ids = {name: store.array(name)[: scan.n_tokens] for name in ("token_ids", "doc_ids")}
     per_feature = cfg.top_k + cfg.n_intervals * cfg.examples_per_interval + cfg.n_random
     examples = _writer(staging / "examples.parquet", EXAMPLES_SCHEMA, metadata)
@@ -168,10 +170,6 @@ def write_tables(
     finally:
         examples.close()
         features.close()
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
-    return out
 
 
 def read_feature(folder: str | Path, layer: int, feature: int) -> tuple[dict, list[dict]]:

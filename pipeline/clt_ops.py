@@ -1,0 +1,212 @@
+"""The transcoder's custom autograd operations: JumpReLU with its straight-through threshold
+gradient, TopK masks, and the dense and token-level sparse decoders of all layers at once.
+
+The JumpReLU threshold gets gradients through a straight-through estimator with a
+rectangle kernel of width `bandwidth` (Rajamanoharan et al. 2024,
+https://arxiv.org/abs/2407.14435): d a / d threshold = -(threshold / bandwidth) *
+rect((h - threshold) / bandwidth). `pipeline.clt.CrossLayerTranscoder` uses these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class _JumpReLU(torch.autograd.Function):
+    """a = h * (h > threshold), with the rectangle-kernel STE for the threshold."""
+
+    @staticmethod
+    def forward(ctx, h, threshold, bandwidth: float):
+        mask = h > threshold
+        ctx.save_for_backward(h, threshold, mask)
+        ctx.bandwidth = bandwidth
+        return h * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, threshold, mask = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_h = grad * mask
+        window = ste_window(h, threshold, eps).to(grad.dtype)
+        grad_threshold = -(threshold / eps) * window * grad
+        grad_threshold = grad_threshold.sum_to_size(threshold.shape)
+        return grad_h, grad_threshold, None
+
+
+def jumprelu(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return _JumpReLU.apply(h, threshold, bandwidth)
+
+
+def ste_window(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """Where the threshold's straight-through estimator is nonzero: |h - threshold| < bandwidth / 2.
+
+    There the threshold's gradient needs dL/da even for inactive features (a = 0)."""
+    return (h - threshold).abs() < bandwidth / 2
+
+
+def topk_mask(h: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the top `k` of the last dim (per layer and token)."""
+    idx = h.topk(k, dim=-1).indices
+    return torch.zeros_like(h, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def batch_topk_mask(h: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the top `k * n_tokens` of each layer across the batch: h (n_layers, n_tokens, d_tc)."""
+    n_layers, n_tokens, _ = h.shape
+    flat = h.reshape(n_layers, -1)
+    idx = flat.topk(k * n_tokens, dim=-1).indices
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True).view_as(h)
+
+
+class Decode(torch.autograd.Function):
+    """All decoders at once, dense: out (n_tokens, n_layers * d_model) from acts (n_layers, n_tokens, d_tc).
+
+    Layer l's decoder writes the columns of every layer from l on (`n_out * d_model`
+    columns), one contiguous column block: each layer is a single in-place `addmm_` into a
+    strided view, and the backward pass reads the same blocks of the gradient. Computes in
+    the dtype of `acts` and `W_dec` (bfloat16 matmuls accumulate in float32 inside).
+    """
+
+    @staticmethod
+    def forward(ctx, acts, d_model: int, *W_dec):
+        n_layers, n_tokens, _ = acts.shape
+        out = acts.new_zeros(n_tokens, n_layers * d_model)
+        for l, W in enumerate(W_dec):  # W: (d_tc, n_out * d_model)
+            out[:, l * d_model : l * d_model + W.shape[1]].addmm_(acts[l], W)
+        ctx.save_for_backward(acts, *W_dec)
+        ctx.d_model = d_model
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        acts, *W_dec = ctx.saved_tensors
+        d = ctx.d_model
+        grad = grad.to(acts.dtype)
+        grad_acts = torch.empty_like(acts)
+        grad_W = []
+        for l, W in enumerate(W_dec):
+            g = grad[:, l * d : l * d + W.shape[1]]  # (n_tokens, n_out * d_model)
+            torch.mm(g, W.t(), out=grad_acts[l])
+            grad_W.append(acts[l].t() @ g)
+        return grad_acts, None, *grad_W
+
+
+def _group_starts(key: torch.Tensor, n_groups: int, n: int) -> torch.Tensor:
+    """For a sorted `key` = group * n + item: where each item's run begins, counted from its
+    group's start: (n_groups, n)."""
+    counts = torch.bincount(key, minlength=n_groups * n).view(n_groups, n)
+    return counts.cumsum(1) - counts
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """The (layer, token, feature) triples where a mask (n_layers, n_tokens, d_tc) is true,
+    sorted by layer then token, found for all layers at once (few large ops rather than
+    many small ones); `offsets[l]` (n_tokens,) is where each token's pairs begin within
+    layer l's: the bags of `embedding_bag`."""
+
+    layer: torch.Tensor  # (nnz,)
+    token: torch.Tensor  # (nnz,)
+    feature: torch.Tensor  # (nnz,)
+    sizes: list[int]  # pairs per layer
+    offsets: torch.Tensor  # (n_layers, n_tokens)
+
+    @classmethod
+    def where(cls, mask: torch.Tensor) -> _Pairs:
+        n_layers, n_tokens, _ = mask.shape
+        layer, token, feature = mask.nonzero(as_tuple=True)  # row-major: sorted by (layer, token)
+        sizes = torch.bincount(layer, minlength=n_layers).tolist()
+        return cls(layer, token, feature, sizes, _group_starts(layer * n_tokens + token, n_layers, n_tokens))
+
+    def per_layer(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A (nnz,) tensor split into its layers' parts."""
+        return t.split(self.sizes)
+
+
+class SparseDecode(torch.autograd.Function):
+    """All decoders at once, token-level sparse: out (n_tokens, n_layers * d_model) from
+    acts (n_layers, n_tokens, d_tc).
+
+    Per layer, only the nonzero (token, feature) pairs are touched, so the cost scales
+    with their number (n_tokens * L0), not with n_tokens * d_transcoder:
+    - forward: each token's output sums its active features' decoder rows, weighted by
+      their activations (`embedding_bag` with `per_sample_weights`, one bag per token);
+    - grad W_dec: each feature's row sums the output gradients of the tokens it is active
+      on, weighted by its activations (`embedding_bag` with one bag per feature);
+    - grad acts: the dot product of the feature's decoder row with the token's output
+      gradient (`embedding_bag`'s own per-sample-weight gradient), at the pairs of
+      `grad_mask` (n_layers, n_tokens, d_tc), by default the active ones, and 0 elsewhere.
+      Every activation here passes back zero gradient to h where a = 0, but the JumpReLU
+      threshold's straight-through estimator also needs dL/da at inactive features just
+      below the threshold (`ste_window`), so `pipeline.clt.CrossLayerTranscoder.forward` adds those.
+    It computes in W_dec's dtype (the float32 parameters, autocast off inside): casting
+    all of W_dec to bfloat16 would read and write every row, not only the active ones.
+    """
+
+    @staticmethod
+    def forward(ctx, acts, grad_mask, d_model: int, *W_dec):
+        n_layers, n_tokens, _ = acts.shape
+        out = acts.new_zeros(n_tokens, n_layers * d_model, dtype=W_dec[0].dtype)
+        active = _Pairs.where(acts != 0)
+        value = acts[active.layer, active.token, active.feature].to(out.dtype)
+        with torch.autocast(acts.device.type, enabled=False):
+            for l, (W, feature, v) in enumerate(
+                zip(W_dec, active.per_layer(active.feature), active.per_layer(value))
+            ):
+                y = F.embedding_bag(feature, W, active.offsets[l], mode="sum", per_sample_weights=v)
+                out[:, l * d_model : l * d_model + W.shape[1]] += y  # W: (d_tc, n_out * d_model)
+        ctx.save_for_backward(*W_dec)
+        ctx.active, ctx.value = active, value
+        ctx.grad_pairs = active if grad_mask is None else _Pairs.where(grad_mask)
+        ctx.d_model, ctx.acts_shape, ctx.acts_dtype = d_model, acts.shape, acts.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        W_dec = ctx.saved_tensors
+        d = ctx.d_model
+        n_layers, _, d_tc = ctx.acts_shape
+        want_acts = ctx.needs_input_grad[0]
+        want_W = [ctx.needs_input_grad[3 + l] for l in range(n_layers)]
+        q, p = ctx.grad_pairs, ctx.active
+        q_features = q.per_layer(q.feature)
+        q_tokens = q.per_layer(q.token)
+        # the active pairs grouped by (layer, feature), for W_dec's gradient
+        by_feature = torch.argsort(p.layer * d_tc + p.feature, stable=True)
+        feature_offsets = _group_starts((p.layer * d_tc + p.feature)[by_feature], n_layers, d_tc)
+        tokens_by_feature = p.per_layer(p.token[by_feature])
+        values_by_feature = p.per_layer(ctx.value[by_feature])
+        grad_values, grad_W = [], []
+        with torch.autocast(grad.device.type, enabled=False):
+            for l, W in enumerate(W_dec):
+                g = grad[:, l * d : l * d + W.shape[1]].to(W.dtype).contiguous()  # (n_tokens, n_out * d)
+                if want_acts:
+                    grad_values.append(
+                        torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                            g,
+                            W,
+                            q_features[l],
+                            q.offsets[l],
+                            q_tokens[l],
+                            0,  # mode 0: sum
+                        )
+                    )
+                grad_W.append(
+                    F.embedding_bag(
+                        tokens_by_feature[l],
+                        g,
+                        feature_offsets[l],
+                        mode="sum",
+                        per_sample_weights=values_by_feature[l],
+                    )
+                    if want_W[l]
+                    else None
+                )
+        grad_acts = None
+        if want_acts:
+            grad_acts = grad.new_zeros(ctx.acts_shape, dtype=ctx.acts_dtype)
+            grad_acts[q.layer, q.token, q.feature] = torch.cat(grad_values).to(ctx.acts_dtype)
+        return grad_acts, None, None, *grad_W
