@@ -4,7 +4,8 @@
         [--max-feature-nodes N] [--batch-size B] [--max-n-logits K] [--desired-logit-prob P]
 
 OUT.pt gets the unpruned graph (`adjacency`, `active_features`, `selected_features`,
-`activation_values`, `input_tokens`, `logit_ids`, `logit_probs`), the attribution's wall
+`activation_values`, `input_tokens`, `logit_ids`, `logit_probs`), circuit-tracer's
+`compute_graph_scores` of it (`replacement_score`, `completeness_score`), the attribution's wall
 time `seconds` (model loading excluded) and the process's peak RSS `peak_rss_mb`. With
 --graph-dir, circuit-tracer's `create_graph_files` also writes the pruned graph JSON there.
 Paths must be absolute (offline loading in circuit-tracer needs that).
@@ -52,6 +53,9 @@ def main() -> None:
         max_feature_nodes=args.max_feature_nodes,
     )
     seconds = time.perf_counter() - start
+    from circuit_tracer.graph import compute_graph_scores
+
+    replacement_score, completeness_score = compute_graph_scores(graph)
     torch.save(
         {
             "adjacency": graph.adjacency_matrix,
@@ -61,6 +65,8 @@ def main() -> None:
             "input_tokens": graph.input_tokens,
             "logit_ids": torch.tensor([t.vocab_idx for t in graph.logit_targets]),
             "logit_probs": graph.logit_probabilities,
+            "replacement_score": replacement_score,
+            "completeness_score": completeness_score,
             "seconds": seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         },

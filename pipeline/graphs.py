@@ -20,6 +20,9 @@ Output (`paths.graphs`), a persistent DVC output (kept between runs):
 - `.cache/{slug}.safetensors` + `.cache/{slug}.json`: the unpruned graph
   (`export.save_graph`), so that pruning and drawing re-run without attribution;
 - `manifest.json`: the output key of each graph.
+Each graph's `metadata.scores` holds its replacement and completeness scores and the
+error share of its logits' input (`attribution/scores.py`, on the unpruned graph), and
+`paths.metrics`/graphs.json (a DVC metric) holds every graph's scores and their means.
 
 `metadata.scan` is the transcoder's `scan` (its config.yaml; circuit-tracer also takes a
 graph's scan from its transcoder): a portable name `./feature-data/<name>` (docs/formats.md)
@@ -60,6 +63,7 @@ import pipeline.attribution.attribute
 import pipeline.attribution.export
 import pipeline.attribution.prune
 import pipeline.attribution.replacement
+import pipeline.attribution.scores
 import pipeline.clt
 import pipeline.model
 import pipeline.splice
@@ -73,6 +77,7 @@ from pipeline.attribution.export import (
     write_graph_metadata,
 )
 from pipeline.attribution.prune import prune
+from pipeline.attribution.scores import graph_scores, mean_scores
 from pipeline.config import GraphsConfig, Params
 from pipeline.model import max_context
 from pipeline.splice import load_for_splicing
@@ -89,7 +94,7 @@ ATTRIBUTION_CODE = [
     pipeline.splice,
 ]
 """Modules whose code decides an unpruned graph (loading the model and transcoder included)."""
-OUTPUT_CODE = [pipeline.attribution.export, pipeline.attribution.prune]
+OUTPUT_CODE = [pipeline.attribution.export, pipeline.attribution.prune, pipeline.attribution.scores]
 ATTRIBUTION_SETTINGS = (
     "max_n_logits",
     "desired_logit_prob",
@@ -272,6 +277,7 @@ def write_outputs(graph: Graph, tokenizer, prompt: Prompt, cfg: GraphsConfig, sc
     data = graph_json(
         graph, pruned, tokenizer, slug=prompt.slug, scan=scan, node_threshold=cfg.node_threshold
     )
+    data["metadata"]["scores"] = graph_scores(graph)  # of the unpruned graph
     write_json(out / f"{prompt.slug}.json", data)
     png = out / f"{prompt.slug}.png"
     if cfg.png:
@@ -331,4 +337,21 @@ def run(params: Params, *, progress: bool = True) -> dict[str, str]:
         status.setdefault(prompt.slug, "kept")
     write_json(manifest_path, dict(sorted(manifest.items())))
     write_graph_metadata(out, [p.slug for p in prompts])
+    write_score_metrics(out, [p.slug for p in prompts], Path(params.paths.metrics))
     return status
+
+
+def write_score_metrics(out: Path, slugs: list[str], metrics: Path) -> dict:
+    """`graphs.json` in `metrics`: each graph's scores (from its JSON) and their means."""
+    per_prompt = {
+        slug: json.loads((out / f"{slug}.json").read_text())["metadata"]["scores"] for slug in slugs
+    }
+    result = {
+        "n_graphs": len(slugs),
+        "mean": mean_scores(list(per_prompt.values())),
+        "per_prompt": per_prompt,
+    }
+    metrics.mkdir(parents=True, exist_ok=True)
+    write_json(metrics / "graphs.json", result)
+    logger.info("graph scores, mean over %d graphs: %s", len(slugs), result["mean"])
+    return result

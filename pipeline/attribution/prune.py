@@ -33,12 +33,14 @@ class Pruned(NamedTuple):
     """(n_nodes,) cumulative influence fraction of each node, in order of influence."""
 
 
-def _normalize(A: torch.Tensor) -> torch.Tensor:
+def normalize(A: torch.Tensor) -> torch.Tensor:
+    """Row-normalised |A|: each node's inputs as fractions of its total absolute input."""
     A = A.abs()
     return A / A.sum(dim=1, keepdim=True).clamp(min=1e-10)
 
 
-def _influence(A: torch.Tensor, weights: torch.Tensor, max_iter: int = 1000) -> torch.Tensor:
+def total_influence(A: torch.Tensor, weights: torch.Tensor, max_iter: int = 1000) -> torch.Tensor:
+    """w A + w A^2 + ...: every node's influence on the nodes weighted by `weights`."""
     current = weights @ A
     total = current
     for _ in range(max_iter):
@@ -65,7 +67,7 @@ def logit_weights(graph: Graph) -> torch.Tensor:
 
 def node_influence(graph: Graph) -> torch.Tensor:
     """Step 1."""
-    return _influence(_normalize(graph.adjacency), logit_weights(graph))
+    return total_influence(normalize(graph.adjacency), logit_weights(graph))
 
 
 def prune(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
@@ -82,8 +84,8 @@ def prune(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float = 
     A = graph.adjacency.clone()
     A[~node_mask] = 0
     A[:, ~node_mask] = 0
-    normalized = _normalize(A)
-    edge_scores = normalized * (_influence(normalized, weights) + weights)[:, None]
+    normalized = normalize(A)
+    edge_scores = normalized * (total_influence(normalized, weights) + weights)[:, None]
     edge_mask = edge_scores >= _threshold(edge_scores.flatten(), edge_threshold)
 
     sources = slice(0, len(node_mask) - n_logits - n_tokens)  # features and errors
