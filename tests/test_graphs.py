@@ -77,6 +77,7 @@ def tiny_params(tmp_path, tiny_model_dir):
                 "prompts": str(prompts),
                 "graphs": str(out),
                 "features": str(tmp_path / "features"),
+                "metrics": str(tmp_path / "metrics"),
             },
             "graphs": {"max_feature_nodes": 40, "batch_size": 16, **graphs},
             "runtime": {"device": "cpu"},
