@@ -13,12 +13,22 @@
    at L0 = 16 and 64 per layer, at `train.d_transcoder` and at a larger dictionary. The
    sparse path's activation gradient also covers the STE window: inactive pairs at the
    rate measured on the default transcoder (2.9 per token of 256 features, 1.1%).
+3. `--full-step`: whole training steps (`Trainer.train_step`: forward, loss, backward,
+   Adam), dense vs. sparse decoder, interleaved, on synthetic inputs of the default model's
+   shapes (no activation store needed), at d_transcoder 256 and `--d-transcoder-big`, L0
+   16 and 32. b_enc is set so each feature fires on L0 / d_transcoder of the tokens and the
+   learning rate is tiny, so that L0 stays put while timing (Adam costs the same at any rate).
+   `--n-layers` measures fewer layers of the same width where all of them do not fit memory.
+
+    python -m bench.train --full-step [--n-layers 8] [--step-reps 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import itertools
 import statistics
 import time
@@ -27,10 +37,10 @@ import torch
 
 from pipeline.clt import CLTShape, CrossLayerTranscoder
 from pipeline.config import load_params
-from pipeline.loader import ActivationLoader
+from pipeline.loader import ActivationLoader, Batch
 from pipeline.runtime import torch_dtype
 from pipeline.store import ActivationStore
-from pipeline.train import Trainer
+from pipeline.train import Trainer, sparse_decoder_pays
 
 WINDOW_RATE = 2.9 / 256  # inactive pairs in the STE window, per feature (default transcoder)
 
@@ -123,6 +133,51 @@ def compare_decoders(params, d_transcoder_big: int, reps: int) -> None:
             )
 
 
+def full_step_seconds(cfg, n_layers: int, d_model: int, l0: int, reps: int) -> dict[str, float]:
+    """Median seconds of a whole training step with each decoder, and the L0 measured:
+    {"dense": s, "sparse": s, "l0": l0, "auto": whether `auto` picks sparse there}."""
+    torch.manual_seed(0)
+    model = CrossLayerTranscoder(CLTShape(n_layers, d_model, cfg.d_transcoder))
+    x = torch.randn(cfg.batch_size, n_layers, d_model)
+    batch = Batch(x=x, y=torch.randn_like(x))
+    cfg = dataclasses.replace(cfg, init_rate=l0 / cfg.d_transcoder, lr=1e-9, warmup_steps=0)
+    cpu = torch.device("cpu")
+    trainers = {
+        name: Trainer.from_inputs(
+            copy.deepcopy(model), dataclasses.replace(cfg, sparse_decoder=name == "sparse"), x, device=cpu
+        )
+        for name in ("dense", "sparse")
+    }
+    times, l0s = {}, []
+    for name in ["dense", "sparse"] * (reps + 1):  # interleaved; the first of each is a warm-up
+        start = time.perf_counter()
+        record = trainers[name].train_step(batch)
+        times.setdefault(name, []).append(time.perf_counter() - start)
+        l0s.append(record["l0"])
+    out = {k: statistics.median(v[1:]) for k, v in times.items()}
+    l0 = statistics.median(l0s)
+    return {**out, "l0": l0, "auto": sparse_decoder_pays(cfg.d_transcoder, l0)}
+
+
+def compare_full_steps(params, d_transcoder_big: int, n_layers: int | None, reps: int) -> None:
+    cfg = params.train
+    n_layers, d_model = n_layers or 30, 576  # the default model (SmolLM2-135M)
+    print(
+        f"full training steps: {n_layers} layers of d_model {d_model}, batch {cfg.batch_size}, "
+        f"{cfg.compute_dtype}, {reps} timed steps each, {torch.get_num_threads()} threads"
+    )
+    for d_tc in (256, d_transcoder_big):
+        for l0 in (16, 32):
+            c = dataclasses.replace(cfg, d_transcoder=d_tc)
+            t = full_step_seconds(c, n_layers, d_model, l0, reps)
+            print(
+                f"step, d_transcoder={d_tc}, L0={t['l0']:.1f}: dense {t['dense']:.3f} s, "
+                f"sparse {t['sparse']:.3f} s, dense/sparse {t['dense'] / t['sparse']:.2f}x, "
+                f"auto picks {'sparse' if t['auto'] else 'dense'}",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -134,8 +189,16 @@ def main() -> None:
     parser.add_argument("--decoder-reps", type=int, default=3, help="timed decoder runs per setting")
     parser.add_argument("--skip-loader", action="store_true", help="only the decoder comparison")
     parser.add_argument("--skip-decoder", action="store_true", help="only the loader comparison")
+    parser.add_argument(
+        "--full-step", action="store_true", help="only whole training steps, dense vs sparse (no store)"
+    )
+    parser.add_argument("--n-layers", type=int, help="layers for --full-step (default: 30, the model's)")
+    parser.add_argument("--step-reps", type=int, default=3, help="timed steps per setting (--full-step)")
     args = parser.parse_args()
     params = load_params(args.params)
+    if args.full_step:
+        compare_full_steps(params, args.d_transcoder_big, args.n_layers, args.step_reps)
+        return
     if not args.skip_loader:
         compare_loader(params, args.steps, args.rounds)
     if not args.skip_decoder:

@@ -32,7 +32,14 @@ import torch
 from torch import nn
 
 from pipeline.atomic import staged
-from pipeline.clt_ops import Decode, SparseDecode, batch_topk_mask, jumprelu, ste_window, topk_mask
+from pipeline.clt_ops import (
+    Decode,
+    SparseDecode,
+    batch_topk_mask,
+    jumprelu,
+    needs_grad_mask,
+    topk_mask,
+)
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,7 @@ class CrossLayerTranscoder(nn.Module):
         if kind == "jumprelu":
             threshold = self.threshold[:, None]  # (n_layers, 1, d_tc)
             if bandwidth > 0 and torch.is_grad_enabled():
-                return jumprelu(h.float(), threshold, bandwidth).to(h.dtype)
+                return jumprelu(h, threshold, bandwidth)
             return h * (h > threshold.to(h.dtype))
         mask = topk_mask(h, self.shape.k) if kind == "topk" else batch_topk_mask(h, self.shape.k)
         return torch.relu(h) * mask
@@ -112,11 +119,10 @@ class CrossLayerTranscoder(nn.Module):
         """
         L, n_tokens, _ = acts.shape
         d = self.shape.d_model
+        W_dec = [W.to(acts.dtype).flatten(1) for W in self.W_dec]  # (d_tc, n_out * d_model) each
         if sparse:
-            W_dec = [W.flatten(1) for W in self.W_dec]  # (d_tc, n_out * d_model) each, no copy
-            out = SparseDecode.apply(acts, grad_mask, d, *W_dec).view(n_tokens, L, d).to(acts.dtype)
+            out = SparseDecode.apply(acts, grad_mask, d, *W_dec).view(n_tokens, L, d)
         else:
-            W_dec = [W.to(acts.dtype).flatten(1) for W in self.W_dec]
             out = Decode.apply(acts, d, *W_dec).view(n_tokens, L, d)
         return out + self.b_dec.to(acts.dtype)
 
@@ -128,7 +134,7 @@ class CrossLayerTranscoder(nn.Module):
         grad_mask = None
         if sparse and self.shape.activation == "jumprelu" and bandwidth > 0 and torch.is_grad_enabled():
             # the threshold's STE needs dL/da at inactive features near their threshold too
-            grad_mask = (acts != 0) | ste_window(h.float(), self.threshold[:, None], bandwidth)
+            grad_mask = needs_grad_mask(h, self.threshold[:, None], bandwidth)
         return h, acts, self.decode(acts, sparse=sparse, grad_mask=grad_mask)
 
     def config_dict(self) -> dict:

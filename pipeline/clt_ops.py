@@ -16,24 +16,31 @@ import torch.nn.functional as F
 
 
 class _JumpReLU(torch.autograd.Function):
-    """a = h * (h > threshold), with the rectangle-kernel STE for the threshold."""
+    """a = h * (h > threshold), with the rectangle-kernel STE for the threshold.
+
+    `h` may be bfloat16 and `threshold` float32: the comparisons promote element by element
+    (no float32 copy of h), and only two boolean masks are kept for the backward pass; on
+    (n_layers, n_tokens, d_tc) tensors each pass over memory is what this op costs."""
 
     @staticmethod
     def forward(ctx, h, threshold, bandwidth: float):
         mask = h > threshold
-        ctx.save_for_backward(h, threshold, mask)
+        window = ste_window(h, threshold, bandwidth)
+        ctx.save_for_backward(threshold, mask, window)
         ctx.bandwidth = bandwidth
         return h * mask
 
     @staticmethod
     def backward(ctx, grad):
-        h, threshold, mask = ctx.saved_tensors
-        eps = ctx.bandwidth
+        threshold, mask, window = ctx.saved_tensors
         grad_h = grad * mask
-        window = ste_window(h, threshold, eps).to(grad.dtype)
-        grad_threshold = -(threshold / eps) * window * grad
-        grad_threshold = grad_threshold.sum_to_size(threshold.shape)
-        return grad_h, grad_threshold, None
+        sums = torch.where(window, grad, 0)
+        lead = grad.dim() - threshold.dim()
+        dims = [i + lead for i, n in enumerate(threshold.shape) if n == 1 and grad.shape[i + lead] != 1]
+        if dims:  # the sum over tokens in float32, without a float32 copy of grad
+            sums = sums.sum(dims, keepdim=True, dtype=torch.float32)
+        sums = sums.float().sum_to_size(threshold.shape)
+        return grad_h, -(threshold / ctx.bandwidth) * sums, None
 
 
 def jumprelu(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -45,6 +52,14 @@ def ste_window(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> to
 
     There the threshold's gradient needs dL/da even for inactive features (a = 0)."""
     return (h - threshold).abs() < bandwidth / 2
+
+
+def needs_grad_mask(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """Where a JumpReLU needs dL/da: its active features (h > threshold) and its STE window,
+    both inside h > threshold - bandwidth / 2 (one comparison instead of four passes over h;
+    a slightly larger mask is harmless: the sparse decoder's gradient is exact wherever it is
+    computed)."""
+    return h > threshold - bandwidth / 2
 
 
 def topk_mask(h: torch.Tensor, k: int) -> torch.Tensor:
@@ -142,8 +157,9 @@ class SparseDecode(torch.autograd.Function):
       Every activation here passes back zero gradient to h where a = 0, but the JumpReLU
       threshold's straight-through estimator also needs dL/da at inactive features just
       below the threshold (`ste_window`), so `pipeline.clt.CrossLayerTranscoder.forward` adds those.
-    It computes in W_dec's dtype (the float32 parameters, autocast off inside): casting
-    all of W_dec to bfloat16 would read and write every row, not only the active ones.
+    It gathers and accumulates in W_dec's dtype (`CrossLayerTranscoder.decode` passes the
+    copy in the compute dtype, bfloat16 by default: half the bytes per gathered row, which
+    is what these memory-bound gathers cost), autocast off inside.
     """
 
     @staticmethod

@@ -268,9 +268,10 @@ class TrainConfig(Section):
     """Leave out of training the tokens whose MLP output norm at some layer exceeds this
     multiple of the layer's median ("massive activations": one such token can carry most
     of a batch's loss and gradient); 0 keeps every token. Validation keeps every token."""
-    sparse_decoder: bool = False
-    """Token-level sparse decoder: touch only the active (token, feature) pairs (same result;
-    pays only when L0 is a small fraction of `d_transcoder`, see `python -m bench.train`)."""
+    sparse_decoder: Literal["auto", True, False] = "auto"
+    """Token-level sparse decoder (touch only the active (token, feature) pairs; the same
+    result to rounding): `auto` picks it or the dense one at each step by their measured
+    cost at the last step's L0 (`pipeline.train.sparse_decoder_pays`); true / false force it."""
     compute_dtype: ComputeDTypeName = "bfloat16"
     """Compute dtype of the transcoder's matmuls (encoder and dense decoder; bfloat16 gives
     2.3x the tokens/s of float32 at batch 1024 on an AMX CPU); parameters, optimizer state,

@@ -104,14 +104,16 @@ def loss_terms(
     lam: float,
     cfg: TrainConfig,
     bandwidth: float,
+    sparse: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The paper's loss on normalised (x, y), each (n_tokens, n_layers, d_model).
+    """The paper's loss on normalised (x, y), each (n_tokens, n_layers, d_model), decoding
+    with the token-level sparse decoder when `sparse`.
 
     The transcoder computes in `cfg.compute_dtype` (bfloat16: its float32 parameters cast
     once per step; every matmul accumulates in float32); the threshold, the loss terms and
     the optimizer stay float32."""
     compute_dtype = torch_dtype(cfg.compute_dtype)
-    h, acts, recon = model(x.to(compute_dtype), bandwidth=bandwidth, sparse=cfg.sparse_decoder)
+    h, acts, recon = model(x.to(compute_dtype), bandwidth=bandwidth, sparse=sparse)
     mse = F.mse_loss(recon.float(), y, reduction="sum") / len(y)
     terms = {"mse": mse, "acts": acts.detach()}
     total = mse
@@ -167,6 +169,24 @@ def build_optimizer(model: CrossLayerTranscoder, cfg: TrainConfig, device: torch
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
 
 
+SPARSE_MAX_L0_FRACTION = 1 / 200
+"""`sparse_decoder: auto` decodes sparse while L0 <= d_transcoder * this (see `sparse_decoder_pays`)."""
+SPARSE_MIN_D_TRANSCODER = 2048
+"""... and d_transcoder is at least this."""
+
+
+def sparse_decoder_pays(d_transcoder: int, l0: float) -> bool:
+    """Whether a training step with the token-level sparse decoder is expected to be faster
+    than with the dense one, at `l0` active features per layer and token.
+
+    The dense decoder's cost grows with d_transcoder, the sparse one's with L0, and the rest
+    of the step (encoder, the loss over every (layer, token, feature), Adam) is the same for
+    both. Calibrated by `python -m bench.train --full-step --n-layers 8` (docs/results.md):
+    at d_transcoder 4096 the sparse step is 1.28x faster at L0 17 (1/240 of the features)
+    and 0.82x at L0 33 (1/124); at 256 it is slower at every L0 (0.6x)."""
+    return d_transcoder >= SPARSE_MIN_D_TRANSCODER and l0 <= d_transcoder * SPARSE_MAX_L0_FRACTION
+
+
 class Trainer:
     """One training run: the transcoder, its optimizer and the schedules.
 
@@ -177,16 +197,43 @@ class Trainer:
     """
 
     def __init__(self, store: ActivationStore, cfg: TrainConfig, *, device: torch.device):
-        self.cfg, self.device = cfg, device
-        self.model = build_transcoder(store, cfg)
+        model = build_transcoder(store, cfg)
         init = sample_rows(store, "train", cfg.val_fraction, 4096, cfg.max_norm_ratio)
-        fit_scales(self.model, init)
-        self.x_init, _ = normalise(self.model, init["resid_mid"], init["mlp_out"])  # also calibrates topk
-        self.bandwidth = init_encoder(self.model, self.x_init, cfg)
-        self.model.to(device)
-        self.optimizer = build_optimizer(self.model, cfg, device)
+        fit_scales(model, init)
+        x_init, _ = normalise(model, init["resid_mid"], init["mlp_out"])  # also calibrates topk
+        self._start(model, cfg, x_init, device)
+
+    @classmethod
+    def from_inputs(
+        cls, model: CrossLayerTranscoder, cfg: TrainConfig, x_init: torch.Tensor, *, device: torch.device
+    ) -> Trainer:
+        """A trainer for `model` (its scales already set) initialised from normalised inputs
+        `x_init` (n_tokens, n_layers, d_model), without a store (`python -m bench.train --full-step`)."""
+        trainer = cls.__new__(cls)
+        trainer._start(model, cfg, x_init, device)
+        return trainer
+
+    def _start(self, model: CrossLayerTranscoder, cfg: TrainConfig, x_init: torch.Tensor, device) -> None:
+        self.cfg, self.device, self.model, self.x_init = cfg, device, model, x_init
+        self.bandwidth = init_encoder(model, x_init, cfg)
+        model.to(device)
+        self.optimizer = build_optimizer(model, cfg, device)
         self.steps_done = 0
         self.history: list[dict] = []
+
+    def uses_sparse_decoder(self) -> bool:
+        """Whether the next step decodes sparse: `train.sparse_decoder`, or for `auto` the
+        cheaper by `sparse_decoder_pays` at the last step's L0 (at the first step, the L0 of
+        the initialisation). A function of the run's own history, so a resumed or repeated
+        run makes the same choices."""
+        cfg = self.cfg
+        if cfg.sparse_decoder != "auto":
+            return cfg.sparse_decoder
+        if self.history:
+            l0 = self.history[-1]["l0"]
+        else:
+            l0 = cfg.init_rate * cfg.d_transcoder if cfg.activation == "jumprelu" else cfg.k
+        return sparse_decoder_pays(cfg.d_transcoder, l0)
 
     def state_dict(self) -> dict:
         return {
@@ -209,7 +256,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         lam = sparsity_lambda_at(step, cfg)
-        terms = loss_terms(model, x, y, lam=lam, cfg=cfg, bandwidth=self.bandwidth)
+        sparse = self.uses_sparse_decoder()
+        terms = loss_terms(model, x, y, lam=lam, cfg=cfg, bandwidth=self.bandwidth, sparse=sparse)
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         self.optimizer.step()

@@ -7,8 +7,8 @@ from pipeline.clt import (
     export_transcoder,
     jumprelu,
     load_transcoder,
-    ste_window,
 )
+from pipeline.clt_ops import ste_window
 
 
 def make(kind="clt", activation="jumprelu", n_layers=4, d_model=16, d_tc=32, k=4):
@@ -95,8 +95,8 @@ def test_sparse_decoder_gives_dense_outputs_and_gradients_through_the_loss(kind,
 
 @pytest.mark.parametrize("kind", ["clt", "plt"])
 def test_sparse_decoder_under_bf16_autocast(kind):
-    """bf16 activations under autocast: the sparse path (float32 inside) agrees with the
-    float32 reference to bf16 precision, returns bf16, and passes back bf16 gradients."""
+    """bf16 activations under autocast: the sparse path (bf16 gathers, autocast off inside) agrees
+    with the float32 reference to bf16 precision, returns bf16, and passes back bf16 gradients."""
     model = make(kind)
     acts = (torch.relu(torch.randn(4, 6, 32)) * (torch.rand(4, 6, 32) < 0.3)).bfloat16().requires_grad_()
     g = torch.randn(6, 4, 16)

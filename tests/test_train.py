@@ -12,7 +12,7 @@ from pipeline.config import parse_params
 from pipeline.dump import run as run_dump
 from pipeline.loader import ActivationLoader, massive_rows, split_mask
 from pipeline.store import ActivationStore
-from pipeline.train import Checkpoint, normalise, run, sample_rows
+from pipeline.train import Checkpoint, normalise, run, sample_rows, sparse_decoder_pays
 from tests.tiny import TEXT
 
 
@@ -232,8 +232,8 @@ def test_topk_k_above_d_transcoder_names_both(tiny_store, tmp_path):
 
 
 def test_sparse_decoder_trains_like_the_dense_one(tiny_store, tmp_path):
-    # float32: under a bfloat16 `compute_dtype` the dense decoder multiplies in bfloat16, the sparse one
-    # gathers float32 rows, so the two runs would differ by bf16 rounding at every step
+    # float32: under a bfloat16 `compute_dtype` the two decoders round their bf16 sums in different
+    # orders, so the two runs would differ by bf16 rounding at every step
     dense = run(_params(tmp_path / "dense", tiny_store, compute_dtype="float32"), progress=False)
     sparse = run(
         _params(tmp_path / "sparse", tiny_store, sparse_decoder=True, compute_dtype="float32"), progress=False
@@ -252,3 +252,13 @@ def test_bfloat16_training_matches_float32(tiny_store, tmp_path):
     fp32 = run(_params(tmp_path / "fp32", tiny_store, compute_dtype="float32"), progress=False)
     assert bf16["mean"]["nmse"] == pytest.approx(fp32["mean"]["nmse"], rel=0.02)
     assert bf16["mean"]["l0"] == pytest.approx(fp32["mean"]["l0"], rel=0.05, abs=0.2)
+
+
+def test_auto_decoder_choice_follows_the_cost_rule(tiny_store, tmp_path):
+    assert sparse_decoder_pays(4096, 16) and not sparse_decoder_pays(4096, 32)
+    assert not sparse_decoder_pays(256, 1)  # small dictionaries always decode dense
+    assert _params(tmp_path, tiny_store).train.sparse_decoder == "auto"
+    for value in (True, False):
+        assert _params(tmp_path, tiny_store, sparse_decoder=value).train.sparse_decoder is value
+    with pytest.raises(ValueError, match=r"`train\.sparse_decoder` must be one of auto, True, False"):
+        _params(tmp_path, tiny_store, sparse_decoder="yes")
