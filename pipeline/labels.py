@@ -22,10 +22,13 @@ tables: the records already hold each example's tokens decoded as the frontend s
 and the decoded logit lens, so no tokenizer or Parquet is needed, a graph's few hundred
 features are a byte range each (~0.5 ms), and the stage depends on that folder already.
 
-A user's own label wins: `clt serve` merges a git-tracked `annotations/{slug}.json` into
-the graph it serves, and a node's `clerp` given there replaces this automatic one. The
-graph files keep the automatic label, so re-running the pipeline never overwrites a
-user's annotation.
+A user's own label wins over this one: `clt serve` merges the git-tracked
+`annotations/{slug}.json` into the `qParams` of the graph it serves (`clerps`, [feature,
+label] pairs), and the frontend shows a node's label saved there or in the browser before
+its `clerp` (`localClerp || remoteClerp || clerp`, circuit-tracer's
+`frontend/assets/attribution_graph/util-cg.js`). The graph files keep the automatic label in
+`clerp`, so re-running the pipeline never overwrites an annotation, and removing one shows
+the automatic label again.
 """
 
 from __future__ import annotations
@@ -62,7 +65,9 @@ def top_tokens(record: dict) -> list[str]:
     groups = record.get("examples_quantiles") or []
     top = next((g for g in groups if g["quantile_name"] == GROUP_NAMES["top"]), None)
     examples = top["examples"] if top else []
-    tokens = [e["tokens"][e["train_token_ind"]] for e in examples if 0 <= e["train_token_ind"] < len(e["tokens"])]
+    tokens = [
+        e["tokens"][e["train_token_ind"]] for e in examples if 0 <= e["train_token_ind"] < len(e["tokens"])
+    ]
     counts = Counter(tokens)
     first = {t: i for i, t in reversed(list(enumerate(tokens)))}
     return sorted(counts, key=lambda t: (-counts[t], first[t]))

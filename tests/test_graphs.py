@@ -8,20 +8,31 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.attribution.attribute import Graph, attribute
-from pipeline.attribution.export import graph_json, load_graph, save_graph
+from pipeline.attribution.export import (
+    draw_graph,
+    graph_figure,
+    graph_json,
+    load_graph,
+    save_graph,
+    select_links,
+    wrap_label,
+)
 from pipeline.attribution.prune import prune
 from pipeline.cantor import cantor
 from pipeline.clt import export_transcoder, load_transcoder
 from pipeline.config import parse_params
 from pipeline.graphs import parse_prompt, read_prompts, run, transcoder_scan
+from pipeline.labels import feature_label
 from pipeline.model import _make_loadable_by_transformers_4, load_pretrained
 from tests.ct import CT_DIR, CT_PYTHON, CT_SKIP_REASON
+from tests.test_labels import record, write_packed
 from tests.tiny import make_transcoder
 
 needs_ct = pytest.mark.skipif(not CT_PYTHON.exists(), reason=CT_SKIP_REASON)
@@ -314,3 +325,167 @@ def test_circuit_tracer_server_serves_our_graphs(tiny_params):
     finally:
         server.terminate()
         server.wait()
+
+
+def test_repacking_relabels_without_attribution(tiny_params, monkeypatch):
+    """Feature nodes' `clerp` comes from the packed features; a new pack re-labels every
+    graph from the cache, without attribution."""
+    make, _, out = tiny_params
+    features = out.parent / "features"
+    assert run(make(), progress=False) == {"count": "computed", "france": "computed"}
+    nodes = json.loads((out / "france.json").read_text())["nodes"]
+    assert all(n["clerp"] == "" for n in nodes if n["feature_type"] == "cross layer transcoder")
+    assert any(n["clerp"].startswith("Output") for n in nodes if n["feature_type"] == "logit")
+
+    def pack(tag: str):
+        return write_packed(
+            features, [[record([f"{tag}{l}.{f}"], [f" out{f}"]) for f in range(24)] for l in range(3)]
+        )
+
+    def no_attribution(*args, **kwargs):
+        raise AssertionError("attribute called")
+
+    monkeypatch.setattr("pipeline.graphs.attribute", no_attribution)
+    pngs = set()
+    for tag in ("a", "b"):
+        pack(tag)
+        assert run(make(), progress=False) == {"count": "pruned", "france": "pruned"}
+        nodes = json.loads((out / "france.json").read_text())["nodes"]
+        labelled = [n for n in nodes if n["feature_type"] == "cross layer transcoder"]
+        assert labelled
+        for n in labelled:
+            f = n["node_id"].split("_")[1]
+            assert n["clerp"] == f'"{tag}{n["layer"]}.{f}" → " out{f}"'
+        pngs.add((out / "france.png").read_bytes())
+        assert run(make(), progress=False) == {"count": "kept", "france": "kept"}
+    assert len(pngs) == 2  # the labels are drawn
+
+
+def synthetic_graph(*, n_layers=30, n_pos=6, n_features=333, n_errors=20, n_links=16972, seed=0) -> dict:
+    """A graph JSON the size of the default model's capital-france graph (369 nodes, 16,972
+    links), with random influences, labels and edges from lower to higher layers."""
+    import random
+
+    rng = random.Random(seed)
+    words = [" Paris", "France", " capital", " of", "\n", " Lyon", " Europe", "ization", "  ", " 1789"]
+
+    def node(node_id, feature, layer, pos, kind, **extra):
+        return {
+            "node_id": node_id,
+            "feature": feature,
+            "layer": layer,
+            "ctx_idx": pos,
+            "feature_type": kind,
+            "token_prob": 0.0,
+            "is_target_logit": False,
+            "clerp": "",
+            "influence": rng.random(),
+            **extra,
+        }
+
+    nodes = [node(f"E_{p}_{p}", p, "E", p, "embedding") for p in range(n_pos)]
+    cells = set()
+    while len(cells) < n_features:
+        cells.add(
+            (rng.randrange(n_layers), rng.randrange(8192), min(n_pos - 1, int(n_pos * rng.random() ** 0.4)))
+        )
+    for l, f, p in sorted(cells):
+        top = [rng.choice(words) for _ in range(rng.randint(1, 6))]
+        clerp = feature_label(record(top, rng.sample(words, 3))) if rng.random() > 0.1 else ""
+        nodes.append(node(f"{l}_{f}_{p}", cantor(l, f), str(l), p, "cross layer transcoder", clerp=clerp))
+    for k in range(n_errors):
+        l, p = k % n_layers, rng.randrange(n_pos)
+        nodes.append(node(f"0_{l}_{p}", -1, str(l), p, "mlp reconstruction error"))
+    for k in range(10):
+        prob = 0.5 / (k + 1)
+        nodes.append(
+            node(
+                f"{n_layers + 1}_{k}_{n_pos - 1}",
+                k,
+                str(n_layers + 1),
+                n_pos - 1,
+                "logit",
+                token_prob=prob,
+                clerp=f'Output "{words[k]}" (p={prob:.3f})',
+                influence=None,
+            )
+        )
+    nodes = list({n["node_id"]: n for n in nodes}.values())
+
+    def rank(n):
+        return -1 if n["layer"] == "E" else int(n["layer"])
+
+    links = {}
+    while len(links) < n_links:
+        s, t = rng.choice(nodes), rng.choice(nodes)
+        if rank(s) < rank(t) and s["feature_type"] != "logit" and s["ctx_idx"] <= t["ctx_idx"]:
+            links[(s["node_id"], t["node_id"])] = rng.gauss(0, 1) * rng.random() ** 3
+    tokens = ["<bos>", "The", " capital", " of", " France", " is", " a", " city"][:n_pos]
+    metadata = {"slug": "synthetic", "prompt_tokens": tokens, "prompt": "".join(tokens)}
+    return {
+        "metadata": metadata,
+        "nodes": nodes,
+        "links": [{"source": s, "target": t, "weight": w} for (s, t), w in links.items()],
+    }
+
+
+def text_boxes(fig) -> list:
+    """The window extent of every text of `fig`, its box included."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for ax in fig.axes for t in ax.texts]
+    return [(t.get_bbox_patch() or t).get_window_extent(renderer) for t in texts]
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {},  # the default model's size
+        {"n_layers": 2, "n_pos": 3, "n_features": 60, "n_errors": 2, "n_links": 900},  # crowded cells
+        {"n_layers": 6, "n_pos": 8, "n_features": 6, "n_errors": 1, "n_links": 40, "seed": 1},  # small
+    ],
+)
+def test_png_draws_few_labelled_nodes_without_overlapping_text(shape):
+    data = synthetic_graph(**shape)
+    fig = graph_figure(data)
+    texts = [t for t in fig.axes[0].texts]
+    drawn = {t.get_gid(): t.get_text() for t in texts if t.get_gid()}
+    assert 10 <= len(drawn) <= 40 or len(drawn) == len(data["nodes"])
+    by_id = {n["node_id"]: n for n in data["nodes"]}
+    assert {n["node_id"] for n in data["nodes"] if n["feature_type"] == "logit"} & set(drawn)
+    for node_id, text in drawn.items():
+        n = by_id[node_id]
+        if n["feature_type"] == "cross layer transcoder" and n["clerp"]:
+            assert text.startswith(n["clerp"].split(" ")[0])
+    boxes = text_boxes(fig)
+    width, height = fig.get_size_inches() * fig.dpi
+    for i, a in enumerate(boxes):
+        assert 0 <= a.x0 and a.x1 <= width and 0 <= a.y0 and a.y1 <= height, texts[i].get_text()
+        for j in range(i):
+            b = boxes[j]
+            overlap = a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+            assert not overlap, (texts[i].get_text(), texts[j].get_text())
+    links = select_links(data, set(drawn), fraction=0.8, max_in=3)
+    assert len(fig.axes[0].patches) == len(links) < 3 * len(drawn)
+    assert max(Counter(link["target"] for link, _ in links).values()) <= 3
+
+
+def test_png_labels_wrap_between_tokens():
+    assert wrap_label('"b2.13" → " out13"') == ['"b2.13" → " out13"']
+    label = '"Paris" "France" " Paris" → " Paris" " French" " capital"'
+    assert wrap_label(label) == ['"Paris" "France" " Paris"', '→ " Paris" " French" " capital"']
+    assert wrap_label(label, width=24) == ['"Paris" "France"', '" Paris"', '→ " Paris" " French"…']
+    assert wrap_label(" ".join(["word"] * 40), width=20) == [
+        "word word word word",
+        "word word word word",
+        "word word word word…",
+    ]
+
+
+def test_png_is_deterministic(tmp_path):
+    data = synthetic_graph()
+    draw_graph(data, tmp_path / "a.png")
+    draw_graph(json.loads(json.dumps(data)), tmp_path / "b.png")
+    png = (tmp_path / "a.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and png == (tmp_path / "b.png").read_bytes()
+    assert b"matplotlib" not in png  # no software version in the file
