@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -220,6 +221,59 @@ def heatmap(layer: int, feature_index: int, text: str, output: str, params_path:
     title = f"layer {layer} feature {feature_index}{scale}"
     path = render_heatmap([strings[i] for i in ids], acts, output, title=title, vmax=vmax)
     click.echo(f"wrote {path}: max activation {acts.max():.3f} on {strings[ids[int(acts.argmax())]]!r}")
+
+
+@main.command()
+@click.option(
+    "--port", default=8032, show_default=True, type=click.IntRange(0, 65535), help="0: any free one."
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; any but a loopback address lets other machines read the graphs and save.",
+)
+@click.option(
+    "--annotations",
+    "annotations_dir",
+    default=None,
+    help="Folder of the saved annotations, {slug}.json per graph (default: annotations/ beside params.yaml).",
+)
+@click.option(
+    "--web",
+    "web_dir",
+    default=None,
+    help="Folder of the frontend files scripts/setup.sh fetches (default: .web/ beside params.yaml, else the "
+    "checkout's).",
+)
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+def serve(port: int, host: str, annotations_dir: str | None, web_dir: str | None, params_path: str) -> None:
+    """Browse the graphs (`paths.graphs`) in circuit-tracer's frontend, with every node's
+    feature examples from `paths.features`; the page's Save button writes the pinned nodes,
+    supernodes and labels to the annotations folder, never to a DVC output. Ctrl-C stops it."""
+    from pipeline.serve import Server, is_loopback, site_for
+
+    site = site_for(load_params(params_path), params_path, annotations=annotations_dir, web=web_dir)
+    server = Server(site, host, port)
+    if not is_loopback(host):
+        click.secho(
+            f"Warning: listening on {host}, not a loopback address: anyone who can reach this machine can "
+            "read the graphs and overwrite the annotations.",
+            fg="yellow",
+            err=True,
+        )
+    # Ctrl-C (even where a shell ignores it) and `kill`, from before the URL is printed
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
+    try:
+        n_graphs = len(site.graph_list())
+        click.echo(f"Serving {n_graphs} graphs from {site.graphs}; annotations in {site.annotations}")
+        click.echo(f"Open {server.url}  (Ctrl-C stops)")
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("Stopped.")
+    finally:
+        server.server_close()
 
 
 if __name__ == "__main__":
