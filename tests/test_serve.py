@@ -1,4 +1,4 @@
-"""`clt serve` (pipeline/serve.py): every route, the annotations, and what it refuses, against a
+"""`clt serve` (pipeline/serve/): every route, the annotations, and what it refuses, against a
 real server on a free port of 127.0.0.1.
 
 The site is built here (`make_site`): a graph folder, a packed features folder written with

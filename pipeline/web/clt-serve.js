@@ -1,4 +1,4 @@
-// Our helper for circuit-tracer 0.5.0's page under `clt serve` (pipeline/serve.py), loaded
+// Our helper for circuit-tracer 0.5.0's page under `clt serve` (pipeline/serve/), loaded
 // before the page's own scripts. The page keeps its state in the URL and its Save button posts
 // what the URL holds, so:
 // 1. when a graph arrives with saved supernodes and the URL has none, they go into the URL
