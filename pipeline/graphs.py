@@ -41,7 +41,7 @@ Each graph has two keys, each a hash of exactly what its result depends on:
   (and batching changes float rounding). `max_n_pos` only rejects long prompts, and
   `runtime.device` is no dependency of any stage, so neither is in it.
 - the output key (`manifest.json`): the attribution key, `node_threshold`,
-  `edge_threshold`, `png`, the scan, the pruning, export and labelling code
+  `edge_threshold`, `png`, the scan, the pruning, scoring, export, drawing and labelling code
   (`OUTPUT_CODE`) and a hash of the packed features folder (`paths.features`, all its
   files: ~30 ms for the default model's 35 MB), which the feature nodes' labels are read
   from (`pipeline/labels.py`), so re-packing re-labels every graph without re-attributing.
@@ -65,6 +65,7 @@ from tqdm import tqdm
 
 import pipeline.attribution.attribute
 import pipeline.attribution.export
+import pipeline.attribution.figure
 import pipeline.attribution.prune
 import pipeline.attribution.replacement
 import pipeline.attribution.scores
@@ -75,12 +76,12 @@ import pipeline.splice
 from pipeline.atomic import staged, write_json
 from pipeline.attribution.attribute import Graph, attribute
 from pipeline.attribution.export import (
-    draw_graph,
     graph_json,
     load_graph,
     save_graph,
     write_graph_metadata,
 )
+from pipeline.attribution.figure import draw_graph
 from pipeline.attribution.prune import prune
 from pipeline.attribution.scores import graph_scores, mean_scores
 from pipeline.config import GraphsConfig, Params
@@ -103,6 +104,7 @@ ATTRIBUTION_CODE = [
 """Modules whose code decides an unpruned graph (loading the model and transcoder included)."""
 OUTPUT_CODE = [
     pipeline.attribution.export,
+    pipeline.attribution.figure,
     pipeline.attribution.prune,
     pipeline.attribution.scores,
     pipeline.labels,

@@ -15,15 +15,8 @@ import pytest
 import torch
 
 from pipeline.attribution.attribute import Graph, attribute
-from pipeline.attribution.export import (
-    draw_graph,
-    graph_figure,
-    graph_json,
-    load_graph,
-    save_graph,
-    select_links,
-    wrap_label,
-)
+from pipeline.attribution.export import graph_json, load_graph, save_graph
+from pipeline.attribution.figure import draw_graph, graph_figure, select_links, wrap_label
 from pipeline.attribution.prune import prune
 from pipeline.cantor import cantor
 from pipeline.clt import export_transcoder, load_transcoder
