@@ -1,0 +1,104 @@
+"""Running a stage on N processes with torch.distributed (`torchrun`).
+
+One process needs no launcher: `world()` is then rank 0 of 1 and every collective here is
+a no-op. Under `torchrun` (it sets RANK, WORLD_SIZE, MASTER_ADDR, ...) the first call of
+`world()` joins the process group: `nccl` when the stage runs on CUDA, `gloo` on CPU, with
+a timeout (`CLT_DIST_TIMEOUT` seconds, default 60) so that a rank that died makes the
+others fail with an error naming it instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT_ENV = "CLT_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, index: int) -> bool:
+        """Round-robin ownership of work item `index` (a shard, a prompt, a token block)."""
+        return index % self.size == self.rank
+
+
+def launched() -> bool:
+    """True under `torchrun` (or any launcher that sets WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+
+
+def world(device: torch.device | None = None) -> World:
+    """This process's place in the job; joins the process group on first use under a launcher."""
+    if not launched():
+        return World()
+    if not dist.is_initialized():
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout())
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def local_device(device: torch.device) -> torch.device:
+    """On CUDA under a launcher, each rank's own GPU (LOCAL_RANK)."""
+    if device.type == "cuda" and launched():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def barrier(name: str) -> None:
+    """Wait for every rank; a rank that does not arrive within the timeout fails the job
+    with a message naming the barrier."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.monitored_barrier(timeout=timeout(), wait_all_ranks=True) if _gloo() else dist.barrier()
+    except RuntimeError as e:
+        raise RuntimeError(f"rank {dist.get_rank()}: barrier {name!r} failed: {e}") from e
+
+
+def _gloo() -> bool:
+    return dist.get_backend() == "gloo"
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (one process: `[obj]`)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
