@@ -25,9 +25,9 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 
-DTypeName = Literal["float32", "bfloat16", "float16"]
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
-ComputeDTypeName = Literal["bfloat16", "float32"]
+ComputeDTypeName = Literal["auto", "bfloat16", "float32"]
 """Dtype of a transcoder's matmuls; its parameters stay float32."""
 
 
@@ -178,8 +178,10 @@ class ModelConfig(Section):
     name: str = "smollm2-135m-instruct"
     """A built-in alias (see `pipeline.model.ALIASES`), a Hugging Face id, a local Hugging
     Face folder, or a `.gguf` file."""
-    dtype: DTypeName = "bfloat16"
-    """Compute dtype of the model's forward passes (bf16 measured ~4x faster on AMX CPUs)."""
+    dtype: DTypeName = "auto"
+    """Compute dtype of the model's forward passes; `auto`: bfloat16 on CUDA and on CPUs
+    with native bf16 matmuls (AMX, AVX-512 bf16: ~4x float32), float32 elsewhere (emulated
+    bf16 is ~200x slower) (`pipeline.runtime.fast_dtype`)."""
 
 
 @dataclass(frozen=True)
@@ -272,9 +274,9 @@ class TrainConfig(Section):
     """Token-level sparse decoder (touch only the active (token, feature) pairs; the same
     result to rounding): `auto` picks it or the dense one at each step by their measured
     cost at the last step's L0 (`pipeline.train.sparse_decoder_pays`); true / false force it."""
-    compute_dtype: ComputeDTypeName = "bfloat16"
+    compute_dtype: ComputeDTypeName = "auto"
     """Compute dtype of the transcoder's matmuls (encoder and dense decoder; bfloat16 gives
-    2.3x the tokens/s of float32 at batch 1024 on an AMX CPU); parameters, optimizer state,
+    2.3x the tokens/s of float32 at batch 1024 on an AMX CPU; `auto` as `model.dtype`); parameters, optimizer state,
     the JumpReLU threshold and the loss stay float32."""
     checkpoint_every: Annotated[int, Ge(1)] = 50
     """Steps between checkpoints (a killed run resumes from the last one)."""
@@ -333,8 +335,9 @@ class ExamplesConfig(Section):
     """Bins of the activation histogram over [act_min, act_max]."""
     logit_k: Annotated[int, Ge(1)] = 10
     """Top and bottom output tokens of each feature's logit lens."""
-    compute_dtype: ComputeDTypeName = "bfloat16"
+    compute_dtype: ComputeDTypeName = "auto"
     """Compute dtype of the encoder matmul (bfloat16 is ~4x faster than float32 on AMX CPUs;
+    `auto` as `model.dtype`;
     activations agree to ~3 digits)."""
     seed: int = 0
     """Seed of the random sampling (intervals and random examples)."""

@@ -203,7 +203,7 @@ def run(params: Params, *, progress: bool = True):
     check_materialised(params.paths.model_dir, params.model.name)
     device = resolve_device(params.runtime.device)
     model, tokenizer = load_model(
-        params.paths.model_dir, dtype=torch_dtype(params.model.dtype), device=device
+        params.paths.model_dir, dtype=torch_dtype(params.model.dtype, device), device=device
     )
     limit = max_context(model.config)
     if limit is not None and params.corpus.context_len > limit:

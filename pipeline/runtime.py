@@ -25,8 +25,21 @@ DTYPES: dict[str, torch.dtype] = {
 DEBUG_ENV = "CLT_DEBUG"
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    return DTYPES[name]
+def torch_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """The torch dtype of a dtype name; `auto` is `fast_dtype(device)`."""
+    return fast_dtype(device) if name == "auto" else DTYPES[name]
+
+
+def fast_dtype(device: torch.device | None = None) -> torch.dtype:
+    """bfloat16 where its matmuls run natively (CUDA with bf16, a CPU with AMX or AVX-512
+    bf16), else float32: on a CPU without them torch emulates bf16 matmuls at ~1/200 of
+    the float32 speed (measured on a 2-core AVX2 EPYC: 0.2 vs 54 GFLOP/s)."""
+    device = device or resolve_device("auto")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
 
 
 def resolve_device(name: str = "auto") -> torch.device:
