@@ -69,7 +69,7 @@ def run_theirs(prompt: str, args) -> dict:
         cmd += [str(ROOT / "data" / "transcoder"), prompt, f"{tmp}/g.pt"]
         cmd += ["--max-feature-nodes", str(args.max_feature_nodes), "--batch-size", str(args.batch_size)]
         subprocess.run(cmd, check=True, capture_output=True)
-        result = torch.load(f"{tmp}/g.pt")
+        result = torch.load(f"{tmp}/g.pt", weights_only=True)
     return {"seconds": result["seconds"], "peak_rss_mb": result["peak_rss_mb"]}
 
 

@@ -104,7 +104,7 @@ def main() -> int:
         torch.save(results, args.save)
         print(f"saved logits to {args.save}")
     if args.compare:
-        other = torch.load(args.compare)
+        other = torch.load(args.compare, weights_only=True)
         for name in ("plain", "bos"):
             a, b = other[name], results[name]
             if not torch.equal(a["input_ids"], b["input_ids"]):

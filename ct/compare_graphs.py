@@ -87,7 +87,7 @@ def main() -> None:
         cmd += [str(Path(args.transcoder).resolve()), args.prompt, str(out)]
         cmd += ["--max-feature-nodes", str(args.max_feature_nodes), "--batch-size", str(args.batch_size)]
         subprocess.run(cmd, check=True)
-        theirs = torch.load(out)
+        theirs = torch.load(out, weights_only=True)
     model, tokenizer = load_model(args.model_dir, dtype=torch.float32, device=torch.device("cpu"))
     model.requires_grad_(False)
     transcoder = load_transcoder(args.transcoder)

@@ -14,7 +14,7 @@ import torch
 
 def main() -> None:
     folder, inputs, outputs = sys.argv[1:4]
-    x = torch.load(inputs)["x"]
+    x = torch.load(inputs, weights_only=True)["x"]
     import yaml
 
     with open(f"{folder}/config.yaml") as f:

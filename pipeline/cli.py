@@ -43,7 +43,7 @@ def main(debug: bool) -> None:
     """Circuit tracing with cross-layer transcoders.
 
     Pipeline stages (run in order by `dvc repro`): model, dump, train, evaluate, examples,
-    pack, graphs.
+    pack, graphs, plots.
     """
     if debug:
         os.environ[DEBUG_ENV] = "1"
@@ -78,6 +78,11 @@ STAGES = {
         "Stage 6: an attribution graph (circuit-tracer JSON + PNG) for every prompt file in "
         "`paths.prompts`; only new or changed prompts are computed. Browse them with "
         "`circuit-tracer start-server --graph_file_dir data/graphs` (see README).",
+    ),
+    "plots": (
+        "pipeline.plots",
+        "Stage 7: pictures of the dictionary (decoder spread over layers, feature density, "
+        "per-layer NMSE / L0 / KL, a map of decoder directions) as PNGs and CSVs.",
     ),
 }
 """Stage command: (module whose `run(params)` it calls, help). Same code as `python -m stages.X`."""
@@ -114,6 +119,55 @@ def generate(prompt: str, max_new_tokens: int, params_path: str) -> None:
     click.echo(f"prompt:      {prompt}")
     click.echo(f"original:    {out['original']}")
     click.echo(f"replacement: {out['replacement']}")
+
+
+@main.command()
+@click.option("--prompt", required=True, help="Text to run the model on (BOS is prepended).")
+@click.option(
+    "--feature",
+    "specs",
+    multiple=True,
+    required=True,
+    metavar="L:F[@POS]=VALUE",
+    help="Set feature F of layer L to VALUE (0 ablates; xK scales it by K) at position POS (negative: "
+    "from the end; default: every position after BOS). Repeatable.",
+)
+@click.option(
+    "--top", "top_k", default=5, show_default=True, type=click.IntRange(min=1), help="Tokens shown."
+)
+@click.option("--max-new-tokens", default=10, show_default=True, type=click.IntRange(min=0))
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+def intervene(prompt: str, specs: tuple[str, ...], top_k: int, max_new_tokens: int, params_path: str) -> None:
+    """Intervene on transcoder features in the real model: the top next tokens and a greedy
+    continuation, before and after. Layers from the first intervened one on are spliced
+    (features recomputed from the new MLP inputs, reconstruction errors held at their clean
+    values), so without an intervention the model is unchanged (`pipeline/intervene.py`)."""
+    from pipeline.intervene import SpecError, compare, parse_intervention
+    from pipeline.splice import load_for_splicing
+
+    try:
+        for spec in specs:
+            parse_intervention(spec)
+        params = load_params(params_path)
+        configure_torch(params.runtime.num_threads)
+        model, tokenizer, transcoder = load_for_splicing(params)
+        out = compare(model, tokenizer, transcoder, prompt, specs, top_k=top_k, max_new_tokens=max_new_tokens)
+    except SpecError as e:
+        raise click.BadParameter(str(e), param_hint="'--feature'") from None
+
+    def quoted(token: str) -> str:
+        return "'" + token.replace("\n", "\\n") + "'"
+
+    tokens = out["prompt_tokens"]
+    click.echo(f"prompt: {quoted('|'.join(tokens))} ({len(tokens)} tokens, BOS at position 0)")
+    for iv in out["interventions"]:
+        click.echo(f"intervention: {iv.describe()}")
+    width = max(len(quoted(t)) for name in ("before", "after") for t, _ in out[f"top_{name}"]) + 2
+    click.secho(f"{'':4}{'before':<{width + 7}}after", bold=True)
+    for i, ((t0, p0), (t1, p1)) in enumerate(zip(out["top_before"], out["top_after"]), start=1):
+        click.echo(f"{i:>2}  {quoted(t0):<{width}}{p0:.3f}  {quoted(t1):<{width}}{p1:.3f}")
+    click.echo(f"continuation before: {out['continuation_before']!r}")
+    click.echo(f"continuation after:  {out['continuation_after']!r}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -221,6 +275,68 @@ def heatmap(layer: int, feature_index: int, text: str, output: str, params_path:
     title = f"layer {layer} feature {feature_index}{scale}"
     path = render_heatmap([strings[i] for i in ids], acts, output, title=title, vmax=vmax)
     click.echo(f"wrote {path}: max activation {acts.max():.3f} on {strings[ids[int(acts.argmax())]]!r}")
+
+
+@main.command("virtual-weights")
+@click.argument("layer", type=int, required=False)
+@click.argument("index", type=int, required=False)
+@click.option("--top", default=10, show_default=True, type=click.IntRange(min=1), help="Partners per side.")
+@click.option("--all", "all_features", is_flag=True, help="Every feature's partners, to --out (Parquet).")
+@click.option("--out", default=None, help="Parquet file --all writes.")
+@click.option(
+    "--block-size", default=1024, show_default=True, type=click.IntRange(min=1), help="Sources per block."
+)
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+def virtual_weights(
+    layer: int | None,
+    index: int | None,
+    top: int,
+    all_features: bool,
+    out: str | None,
+    block_size: int,
+    params_path: str,
+) -> None:
+    """Feature INDEX of layer LAYER's strongest input-invariant connections (virtual weights
+    through the residual stream, attention ignored; `pipeline/virtual_weights.py`): the
+    features upstream whose decoders its encoder reads, and the features downstream that
+    read its decoder, with their labels from `paths.features`. `--all --out FILE` writes
+    every feature's top partners to Parquet instead."""
+    from pipeline.clt import load_transcoder
+    from pipeline.labels import feature_label, feature_reader
+    from pipeline.virtual_weights import feature_partners, write_partners
+
+    if all_features != (layer is None and index is None) or (layer is None) != (index is None):
+        raise click.UsageError("give either LAYER INDEX, or --all --out FILE")
+    if all_features and out is None:
+        raise click.UsageError("--all needs --out FILE.parquet")
+    params = load_params(params_path)
+    configure_torch(params.runtime.num_threads)
+    transcoder = load_transcoder(params.paths.transcoder)
+    if all_features:
+        path = write_partners(transcoder, out, top=top, block_size=block_size)
+        n = transcoder.shape.n_layers * transcoder.shape.d_transcoder
+        click.echo(f"wrote {path}: the top {top} upstream and downstream partners of {n:,} features")
+        return
+    partners = feature_partners(transcoder, layer, index, top=top)
+    reader = feature_reader(params.paths.features)
+
+    def label(l: int, f: int) -> str:
+        try:
+            return feature_label(reader.layer_feature(l, f)) if reader is not None else ""
+        except KeyError:  # packed for another transcoder: `dvc repro pack` brings them up to date
+            return ""
+
+    click.secho(f"layer {layer} feature {index}  {label(layer, index)}", bold=True)
+    for direction, what in (
+        ("upstream", "features whose decoders this feature's encoder reads"),
+        ("downstream", "features whose encoders read this feature's decoder"),
+    ):
+        p = partners[direction]
+        click.secho(f"\n{direction}: {what}", underline=True)
+        if not len(p.weights):
+            click.echo("  none (no layer on this side)")
+        for l, f, w in zip(p.layers.tolist(), p.features.tolist(), p.weights.tolist()):
+            click.echo(f"  {w:+10.4f}  {l:>3}:{f:<6} {label(l, f)}")
 
 
 @main.command()

@@ -16,10 +16,18 @@ folds them into the weights so the saved transcoder works on raw activations.
 
 The JumpReLU threshold is trained through a straight-through estimator, and all layers
 decode at once, dense or token-level sparse: `pipeline/clt_ops.py`.
+
+Feature (tensor) parallel training (`CrossLayerTranscoder.shard`, `FeatureShard`): each of
+N ranks holds a contiguous slice of every layer's features (their encoder columns, biases,
+thresholds and decoder rows to every output layer) and a copy of `b_dec`; on the same
+batch it encodes its features, decodes them into a partial reconstruction of all layers,
+and one all-reduce sums the partials (`clt_ops.sum_partials`). `gather` rebuilds the whole
+transcoder. (The feature-parallel CLT of curt-tigges/crosslayer-coding works the same way.)
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -29,6 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pipeline.atomic import staged
@@ -36,8 +45,11 @@ from pipeline.clt_ops import (
     Decode,
     SparseDecode,
     batch_topk_mask,
+    global_batch_topk_mask,
+    global_topk_mask,
     jumprelu,
     needs_grad_mask,
+    sum_partials,
     topk_mask,
 )
 
@@ -60,11 +72,29 @@ class CLTShape:
         return self.n_layers - layer if self.kind == "clt" else 1
 
 
+@dataclass(frozen=True)
+class FeatureShard:
+    """Features [start, stop) of every layer, the part of the transcoder one rank of a
+    feature-parallel run holds (`CrossLayerTranscoder.shard`)."""
+
+    rank: int
+    size: int
+    """Ranks in the run; each holds `d_transcoder / size` features per layer."""
+    start: int
+    stop: int
+
+    SHARDED = {"W_enc": 2, "b_enc": 1, "log_threshold": 1}
+    """The sharded parameters besides the decoders (`W_dec.{l}`, dim 0), by name: their
+    feature dim. The others (`b_dec`, the scales) are the same on every rank."""
+
+
 class CrossLayerTranscoder(nn.Module):
-    def __init__(self, shape: CLTShape):
+    def __init__(self, shape: CLTShape, *, shard: FeatureShard | None = None):
         super().__init__()
         self.shape = shape
-        L, d, F = shape.n_layers, shape.d_model, shape.d_transcoder
+        self.feature_shard = shard
+        L, d = shape.n_layers, shape.d_model
+        F = shape.d_transcoder if shard is None else shard.stop - shard.start  # features held here
         self.W_enc = nn.Parameter(torch.empty(L, d, F))
         self.b_enc = nn.Parameter(torch.zeros(L, F))
         self.log_threshold = nn.Parameter(torch.zeros(L, F))  # fp32 always
@@ -72,7 +102,8 @@ class CrossLayerTranscoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(L, d))
         self.register_buffer("input_scale", torch.ones(L))
         self.register_buffer("output_scale", torch.ones(L))
-        self.reset_parameters()
+        if shard is None:  # a shard is filled by `shard` (drawing here would shift the RNG)
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """The paper's init: W_enc ~ U(+-1/sqrt(d_transcoder)), W_dec ~ U(+-1/sqrt(n_layers d_model))."""
@@ -104,13 +135,18 @@ class CrossLayerTranscoder(nn.Module):
             if bandwidth > 0 and torch.is_grad_enabled():
                 return jumprelu(h, threshold, bandwidth)
             return h * (h > threshold.to(h.dtype))
-        mask = topk_mask(h, self.shape.k) if kind == "topk" else batch_topk_mask(h, self.shape.k)
+        if self.feature_shard is None:
+            mask = topk_mask(h, self.shape.k) if kind == "topk" else batch_topk_mask(h, self.shape.k)
+        else:  # the top features among every rank's
+            select = global_topk_mask if kind == "topk" else global_batch_topk_mask
+            mask = select(h, self.shape.k)
         return torch.relu(h) * mask
 
     def decode(
         self, acts: torch.Tensor, *, sparse: bool = False, grad_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Every layer's MLP output: acts (n_layers, n_tokens, d_tc) -> (n_tokens, n_layers, d_model).
+        """Every layer's MLP output: acts (n_layers, n_tokens, d_tc) -> (n_tokens, n_layers, d_model);
+        on a `shard`, acts are its features' and the partial outputs of all ranks are summed.
 
         `sparse` touches only the nonzero (token, feature) pairs (`pipeline.clt_ops.SparseDecode`); it pays
         when L0 is a small fraction of d_transcoder (`python -m bench.train`). Its gradient
@@ -124,6 +160,8 @@ class CrossLayerTranscoder(nn.Module):
             out = SparseDecode.apply(acts, grad_mask, d, *W_dec).view(n_tokens, L, d)
         else:
             out = Decode.apply(acts, d, *W_dec).view(n_tokens, L, d)
+        if self.feature_shard is not None:  # this rank's features' part of the reconstruction
+            out = sum_partials(out)
         return out + self.b_dec.to(acts.dtype)
 
     def forward(self, x: torch.Tensor, *, bandwidth: float = 0.0, sparse: bool = False):
@@ -139,6 +177,51 @@ class CrossLayerTranscoder(nn.Module):
 
     def config_dict(self) -> dict:
         return asdict(self.shape)
+
+    # --- feature parallel ------------------------------------------------------------------
+
+    @staticmethod
+    def feature_dim(name: str) -> int | None:
+        """The feature dim of parameter or buffer `name` (None: the same on every rank)."""
+        if name.startswith("W_dec."):
+            return 0
+        return FeatureShard.SHARDED.get(name)
+
+    @torch.no_grad()
+    def shard(self, rank: int, size: int) -> CrossLayerTranscoder:
+        """A copy holding rank `rank` of `size`'s contiguous slice of every layer's features
+        (and all of `b_dec` and the scales); a clear error unless `size` divides d_transcoder."""
+        F = self.shape.d_transcoder
+        if F % size:
+            raise ValueError(
+                f"`train.d_transcoder` ({F}) must be a multiple of the number of processes ({size}) "
+                "for feature-parallel training; change one of them"
+            )
+        start, stop = rank * F // size, (rank + 1) * F // size
+        part = CrossLayerTranscoder(self.shape, shard=FeatureShard(rank, size, start, stop))
+        own = dict(itertools.chain(self.named_parameters(), self.named_buffers()))
+        for name, t in itertools.chain(part.named_parameters(), part.named_buffers()):
+            dim = self.feature_dim(name)
+            t.copy_(own[name] if dim is None else own[name].narrow(dim, start, stop - start))
+        return part
+
+    @torch.no_grad()
+    def gather(self) -> CrossLayerTranscoder:
+        """The whole transcoder from every rank's shard (a collective: all ranks call it), on the CPU."""
+        if self.feature_shard is None:
+            return self
+        whole = CrossLayerTranscoder(self.shape)
+        own = dict(itertools.chain(self.named_parameters(), self.named_buffers()))
+        for name, t in itertools.chain(whole.named_parameters(), whole.named_buffers()):
+            dim = self.feature_dim(name)
+            local = own[name].detach()
+            if dim is None:
+                t.copy_(local)
+                continue
+            parts = [torch.empty_like(local) for _ in range(self.feature_shard.size)]
+            dist.all_gather(parts, local.contiguous())
+            t.copy_(torch.cat(parts, dim))
+        return whole
 
     # --- inference on raw activations (an exported transcoder, `load_transcoder`) ---------
 

@@ -5,6 +5,11 @@ The JumpReLU threshold gets gradients through a straight-through estimator with 
 rectangle kernel of width `bandwidth` (Rajamanoharan et al. 2024,
 https://arxiv.org/abs/2407.14435): d a / d threshold = -(threshold / bandwidth) *
 rect((h - threshold) / bandwidth). `pipeline.clt.CrossLayerTranscoder` uses these.
+
+Feature parallel (`pipeline.clt.FeatureShard`): each rank decodes its own features into a
+partial reconstruction of every layer, and `sum_partials` adds them up across ranks (one
+all-reduce per step); `global_topk_mask` / `global_batch_topk_mask` select the top
+features among all ranks' (one all-gather of each rank's local candidates).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -74,6 +80,61 @@ def batch_topk_mask(h: torch.Tensor, k: int) -> torch.Tensor:
     flat = h.reshape(n_layers, -1)
     idx = flat.topk(k * n_tokens, dim=-1).indices
     return torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True).view_as(h)
+
+
+class _SumPartials(torch.autograd.Function):
+    """The sum over ranks of each rank's partial reconstruction; its backward is the identity.
+
+    Every rank computes the same loss from the summed reconstruction, so each rank's
+    gradient of it is already d loss / d partial (the sum's Jacobian with respect to each
+    part is the identity). `torch.distributed.nn.functional.all_reduce` would all-reduce the
+    gradient again in its backward: N times the true gradient."""
+
+    @staticmethod
+    def forward(ctx, partial):
+        total = partial.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def sum_partials(partial: torch.Tensor) -> torch.Tensor:
+    """`partial` summed over every rank of the process group (identity backward)."""
+    return _SumPartials.apply(partial)
+
+
+def _gathered(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Every rank's `t` (same shape on all), concatenated along `dim` in rank order."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim)
+
+
+def global_topk_mask(h: torch.Tensor, k: int) -> torch.Tensor:
+    """`topk_mask` over the features of all ranks, each holding a slice of the last dim of
+    h (n_layers, n_tokens, d_local): a feature is kept where its pre-activation reaches the
+    k-th largest of the whole row. The global top k lies within the union of every rank's
+    local top min(k, d_local), so only those are gathered. Equal values at the k-th place
+    are all kept (one process's `topk_mask` keeps an arbitrary k): rare within a token, but
+    for `global_batch_topk_mask` a batch with repeated tokens has them."""
+    with torch.no_grad():
+        local = h.topk(min(k, h.shape[-1]), dim=-1).values
+        kth = _gathered(local, -1).topk(k, dim=-1).values[..., -1:]
+    return h >= kth
+
+
+def global_batch_topk_mask(h: torch.Tensor, k: int) -> torch.Tensor:
+    """`batch_topk_mask` over the features of all ranks (see `global_topk_mask`): the top
+    `k * n_tokens` of each layer across the batch and every rank's features."""
+    n_layers, n_tokens, _ = h.shape
+    with torch.no_grad():
+        flat = h.reshape(n_layers, -1)
+        local = flat.topk(min(k * n_tokens, flat.shape[-1]), dim=-1).values
+        kth = _gathered(local, -1).topk(k * n_tokens, dim=-1).values[:, -1]
+    return h >= kth[:, None, None]
 
 
 class Decode(torch.autograd.Function):

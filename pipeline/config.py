@@ -167,6 +167,8 @@ class PathsConfig(Section):
     """Folder of `*.txt` prompts, one per file; the file name (without .txt) is the graph's slug."""
     graphs: str = "data/graphs"
     """Attribution graphs (`{slug}.json`, `{slug}.png`, `graph-metadata.json`), written by `graphs`."""
+    plots: str = "metrics/plots"
+    """Pictures of the dictionary (`*.png`) and their data (`*.csv`, DVC plots), written by `plots`."""
 
 
 @dataclass(frozen=True)
@@ -276,10 +278,13 @@ class TrainConfig(Section):
     cost at the last step's L0 (`pipeline.train.sparse_decoder_pays`); true / false force it."""
     compute_dtype: ComputeDTypeName = "auto"
     """Compute dtype of the transcoder's matmuls (encoder and dense decoder; bfloat16 gives
-    2.3x the tokens/s of float32 at batch 1024 on an AMX CPU; `auto` as `model.dtype`); parameters, optimizer state,
-    the JumpReLU threshold and the loss stay float32."""
+    2.3x the tokens/s of float32 at batch 1024 on an AMX CPU; `auto` as `model.dtype`);
+    parameters, optimizer state, the JumpReLU threshold and the loss stay float32."""
     checkpoint_every: Annotated[int, Ge(1)] = 50
     """Steps between checkpoints (a killed run resumes from the last one)."""
+    max_grad_norm: Annotated[float, Ge(0)] = 0.0
+    """Clip the gradient to this global norm (of the whole transcoder's gradient, also when
+    feature parallel); 0 does not clip."""
     seed: int = 0
     """Seed of the initialisation and of the data order (the same seed retrains bit for bit)."""
 
@@ -380,6 +385,18 @@ class GraphsConfig(Section):
 
 
 @dataclass(frozen=True)
+class PlotsConfig(Section):
+    """The `plots` stage: pictures of the dictionary (see `pipeline/plots.py`)."""
+
+    _section = "plots"
+
+    density_bins: Annotated[int, Ge(1)] = 40
+    """Bins of the log10 firing frequency histograms."""
+    map_layers: Annotated[int, Ge(1)] = 4
+    """Layers in the map of decoder directions, evenly spaced from the first to the last."""
+
+
+@dataclass(frozen=True)
 class RuntimeConfig(Section):
     """Where and how to run; not a dependency of any stage (results do not depend on it
     beyond floating-point noise), so changing it re-runs nothing."""
@@ -409,6 +426,7 @@ class Params:
     examples: ExamplesConfig = field(default_factory=ExamplesConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     graphs: GraphsConfig = field(default_factory=GraphsConfig)
+    plots: PlotsConfig = field(default_factory=PlotsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import time
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,12 @@ import torch.distributed as dist
 
 TIMEOUT_ENV = "CLT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60
+WORK_TIMEOUT_ENV = "CLT_DIST_WORK_TIMEOUT"
+DEFAULT_WORK_TIMEOUT_S = 3600
+"""How long `wait_for_ranks` waits for the other ranks to finish their share of the work."""
+FAULT_ENV = "CLT_FAULT"
+"""Tests only: `<point>@<rank>` kills that rank at fault point `<point>` (`fault`);
+`<point>@<rank>:hang` makes it hang there instead."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,11 @@ class World:
     def owns(self, index: int) -> bool:
         """Round-robin ownership of work item `index` (a shard, a prompt, a token block)."""
         return index % self.size == self.rank
+
+    def block(self, n: int) -> range:
+        """This rank's contiguous share of `n` work items, in rank order (sizes differ by
+        at most one): for work whose results are combined in item order."""
+        return range(n * self.rank // self.size, n * (self.rank + 1) // self.size)
 
 
 def launched() -> bool:
@@ -77,6 +90,28 @@ def barrier(name: str) -> None:
         raise RuntimeError(f"rank {dist.get_rank()}: barrier {name!r} failed: {e}") from e
 
 
+_work_group = None
+
+
+def wait_for_ranks(name: str) -> None:
+    """Wait for every rank to finish its share of the work (its shards, its graphs), which
+    may take longer than `barrier`'s timeout: up to `CLT_DIST_WORK_TIMEOUT` seconds
+    (default 3600), on gloo (under NCCL a gloo group of its own, made at the first call). A
+    rank that died is reported by torchrun at once; one that hangs fails the others here,
+    by name."""
+    global _work_group
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    seconds = datetime.timedelta(seconds=float(os.environ.get(WORK_TIMEOUT_ENV, DEFAULT_WORK_TIMEOUT_S)))
+    try:
+        if not _gloo() and _work_group is None:
+            _work_group = dist.new_group(backend="gloo", timeout=seconds)
+        group = None if _gloo() else _work_group
+        dist.monitored_barrier(group=group, timeout=seconds, wait_all_ranks=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"rank {dist.get_rank()}: waiting for every rank at {name!r} failed: {e}") from e
+
+
 def _gloo() -> bool:
     return dist.get_backend() == "gloo"
 
@@ -90,6 +125,16 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def gather_objects(obj, dst: int = 0) -> list | None:
+    """On rank `dst`, every rank's `obj` in rank order; None on the others (one process:
+    `[obj]`). Tensors in `obj` should be on the CPU: they are unpickled on their device."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s `obj` on every rank."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -100,5 +145,22 @@ def broadcast_object(obj, src: int = 0):
 
 
 def shutdown() -> None:
+    global _work_group
+    _work_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def fault(point: str) -> None:
+    """A fault point for the tests (`CLT_FAULT=<point>@<rank>[:hang]`): this rank kills
+    itself with SIGKILL here (or hangs, to test the barrier timeout); a no-op otherwise."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    where, _, mode = spec.partition(":")
+    if where != f"{point}@{os.environ.get('RANK', '0')}":
+        return
+    if mode == "hang":
+        while True:
+            time.sleep(60)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -9,6 +9,10 @@ output to the activation store.
    passes of the trunk (no LM head), then hands it to a background writer thread and
    fills the other pair meanwhile, so compute and disk writes overlap.
 3. The `StoreWriter` writes whole shards only and makes the run resumable.
+
+Under `torchrun` the shards are split over the ranks (shard u on rank u mod N, data
+parallel: each rank runs the whole model on its own shards); the store's bytes are those
+of one process (`pipeline.store`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from tqdm import tqdm
 
 from pipeline.config import Params
 from pipeline.corpus import PackedCorpus, iter_documents, pack_documents
+from pipeline.distributed import World, local_device, world
 from pipeline.model import (
     bos_token_id,
     get_architecture,
@@ -116,11 +121,13 @@ def dump_activations(
     schema: StoreSchema,
     batch_size: int,
     progress: bool = True,
+    world: World = World(),
 ):
-    """Write the activations of `corpus` to a complete store at `out_path`, resuming if possible."""
+    """Write the activations of `corpus` to a complete store at `out_path`, resuming if
+    possible; with several ranks, this rank writes the shards it owns."""
     n_seqs, context_len = corpus.token_ids.shape
     positions = np.broadcast_to(np.arange(context_len, dtype=np.int32), (n_seqs, context_len))
-    writer = StoreWriter(out_path, schema, corpus.token_ids, corpus.doc_ids, positions)
+    writer = StoreWriter(out_path, schema, corpus.token_ids, corpus.doc_ids, positions, world=world)
     device = next(model.parameters()).device
     trunk = get_trunk(model)
     shape = (schema.shard_tokens, schema.n_layers, schema.d_model)
@@ -130,11 +137,10 @@ def dump_activations(
     pending: list[Future | None] = [None, None]
     target = _Target()
     bar = tqdm(
-        total=schema.n_tokens,
-        initial=writer.shards_done * schema.shard_tokens,
+        total=sum(stop - start for start, stop in map(schema.shard_rows, writer.shards_todo)),
         unit="tok",
         desc="dump",
-        disable=not progress,
+        disable=not (progress and world.main),  # rank 0's share stands for all
         smoothing=0.1,
     )
     with (
@@ -142,8 +148,8 @@ def dump_activations(
         capture_activations(model, target),
         torch.inference_mode(),
     ):
-        for shard in range(writer.shards_done, schema.n_shards):
-            slot = shard % 2
+        for i, shard in enumerate(writer.shards_todo):
+            slot = i % 2
             if pending[slot] is not None:
                 pending[slot].result()  # the writer is done with this buffer pair
             start, stop = schema.shard_rows(shard)
@@ -202,6 +208,8 @@ def run(params: Params, *, progress: bool = True):
     """The `dump` stage: pack the corpus and store the model's activations on it."""
     check_materialised(params.paths.model_dir, params.model.name)
     device = resolve_device(params.runtime.device)
+    ranks = world(device)
+    device = local_device(device)
     model, tokenizer = load_model(
         params.paths.model_dir, dtype=torch_dtype(params.model.dtype, device), device=device
     )
@@ -219,15 +227,17 @@ def run(params: Params, *, progress: bool = True):
         bos_token_id=bos_token_id(tokenizer),
     )
     schema = make_schema(model, params.model.name, corpus, params.dump)
-    logger.info(
-        "dumping %d tokens x %d layers x %d dims (%s) to %s in %d shards",
-        schema.n_tokens,
-        schema.n_layers,
-        schema.d_model,
-        schema.dtype,
-        params.paths.activations,
-        schema.n_shards,
-    )
+    if ranks.main:
+        logger.info(
+            "dumping %d tokens x %d layers x %d dims (%s) to %s in %d shards on %d process(es)",
+            schema.n_tokens,
+            schema.n_layers,
+            schema.d_model,
+            schema.dtype,
+            params.paths.activations,
+            schema.n_shards,
+            ranks.size,
+        )
     return dump_activations(
         model,
         corpus,
@@ -235,4 +245,5 @@ def run(params: Params, *, progress: bool = True):
         schema=schema,
         batch_size=params.dump.batch_size,
         progress=progress,
+        world=ranks,
     )

@@ -22,7 +22,10 @@ Output (`paths.graphs`), a persistent DVC output (kept between runs):
   (`export.save_graph`), so that pruning and drawing re-run without attribution;
 - `manifest.json`: the output key of each graph.
 Each graph's `metadata.scores` holds its replacement and completeness scores and the
-error share of its logits' input (`attribution/scores.py`, on the unpruned graph), and
+error share of its logits' input (`attribution/scores.py`, on the unpruned graph), and how
+well the graph predicts ablations of its 20 most influential features in the real model
+(`intervention_pearson`, `intervention_sign_agreement`: `pipeline/intervene.py`; cached in
+`.cache/{slug}.json` with their own key, so a re-prune reuses them), and
 `paths.metrics`/graphs.json (a DVC metric) holds every graph's scores and their means.
 
 `metadata.scan` is the transcoder's `scan` (its config.yaml; circuit-tracer also takes a
@@ -56,6 +59,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,9 +74,11 @@ import pipeline.attribution.prune
 import pipeline.attribution.replacement
 import pipeline.attribution.scores
 import pipeline.clt
+import pipeline.intervene
 import pipeline.labels
 import pipeline.model
 import pipeline.splice
+import pipeline.supernodes
 from pipeline.atomic import staged, write_json
 from pipeline.attribution.attribute import Graph, attribute
 from pipeline.attribution.export import (
@@ -85,15 +91,21 @@ from pipeline.attribution.figure import draw_graph
 from pipeline.attribution.prune import prune
 from pipeline.attribution.scores import graph_scores, mean_scores
 from pipeline.config import GraphsConfig, Params
+from pipeline.distributed import all_gather_objects, barrier, broadcast_object, wait_for_ranks, world
 from pipeline.featpack import FeatureReader
+from pipeline.intervene import check_graph
 from pipeline.labels import feature_reader, label_features
 from pipeline.model import max_context
+from pipeline.runtime import resolve_device
 from pipeline.splice import load_for_splicing
+from pipeline.supernodes import suggest_supernodes
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CACHE = ".cache"
+PROGRESS = "progress"
+"""Folder of `CACHE` where each rank records the graphs it wrote (`read_manifest`)."""
 ATTRIBUTION_CODE = [
     pipeline.attribution.attribute,
     pipeline.attribution.replacement,
@@ -107,7 +119,9 @@ OUTPUT_CODE = [
     pipeline.attribution.figure,
     pipeline.attribution.prune,
     pipeline.attribution.scores,
+    pipeline.intervene,
     pipeline.labels,
+    pipeline.supernodes,
 ]
 ATTRIBUTION_SETTINGS = (
     "max_n_logits",
@@ -117,6 +131,10 @@ ATTRIBUTION_SETTINGS = (
     "update_interval",
 )
 """The `graphs` parameters that `attribute` reads (see the module docstring)."""
+INTERVENTION_CODE = [pipeline.intervene, pipeline.attribution.prune]
+"""Modules whose code decides a graph's intervention check, besides its attribution's."""
+N_CHECKED = 20
+"""Features per graph that `check_graph` ablates."""
 
 
 @dataclass(frozen=True)
@@ -275,9 +293,10 @@ def remove_stale(out: Path, keep: set[str]) -> list[str]:
 
 def unpruned_graph(model, tokenizer, transcoder, prompt: Prompt, cfg: GraphsConfig, cache: Path, key: str):
     """`(graph, "pruned")` from the cache when it holds `key`, else `(graph, "computed")`
-    by attribution, saved to the cache."""
+    by attribution, saved to the cache; its intervention check is cached too (`check_cached`)."""
     graph = load_graph(cache, prompt.slug, key=key)
     if graph is not None:
+        check_cached(model, transcoder, graph, cache, prompt.slug, key)
         return graph, "pruned"
     graph = attribute(
         model,
@@ -288,7 +307,31 @@ def unpruned_graph(model, tokenizer, transcoder, prompt: Prompt, cfg: GraphsConf
         target_token_ids=target_token_ids(tokenizer, prompt),
     )
     save_graph(graph, cache, prompt.slug, key=key)
+    check_cached(model, transcoder, graph, cache, prompt.slug, key)
     return graph, "computed"
+
+
+def check_cached(model, transcoder, graph: Graph, cache: Path, slug: str, key: str) -> dict[str, float]:
+    """The graph's intervention scores (`intervene.check_graph` of its `N_CHECKED` most
+    influential features), kept in its cache entry `.cache/{slug}.json` under
+    `interventions` with their own key (the attribution `key` and `INTERVENTION_CODE`):
+    they depend on the attribution only, so a re-prune reuses them."""
+    path = cache / f"{slug}.json"
+    entry = json.loads(path.read_text())
+    check_key = _sha256([key, hash_files([Path(m.__file__) for m in INTERVENTION_CODE]), N_CHECKED])
+    cached = entry.get("interventions", {})
+    if cached.get("key") == check_key:
+        return cached["scores"]
+    scores = check_graph(model, transcoder, graph, n_features=N_CHECKED)
+    write_json(path, {**entry, "interventions": {"key": check_key, "scores": scores}})
+    return scores
+
+
+def cached_checks(cache: Path, slug: str) -> dict[str, float]:
+    """The scores `check_cached` stored for `slug` (none if it did not run)."""
+    path = cache / f"{slug}.json"
+    entry = json.loads(path.read_text()) if path.is_file() else {}
+    return entry.get("interventions", {}).get("scores", {})
 
 
 def write_outputs(
@@ -299,15 +342,21 @@ def write_outputs(
     scan: str,
     out: Path,
     features: FeatureReader | None = None,
+    transcoder=None,
 ) -> dict:
     """Prune `graph` and write `{slug}.json` (and `{slug}.png`), its feature nodes labelled
-    from the packed `features` (none without); returns the JSON."""
+    from the packed `features` (none without) and, with the `transcoder`, its suggested
+    supernodes in `metadata.supernode_suggestions` (`pipeline/supernodes.py`); returns the JSON."""
+
     pruned = prune(graph, node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold)
     data = graph_json(
         graph, pruned, tokenizer, slug=prompt.slug, scan=scan, node_threshold=cfg.node_threshold
     )
     label_features(data, features)
-    data["metadata"]["scores"] = graph_scores(graph)  # of the unpruned graph
+    if transcoder is not None:
+        data["metadata"]["supernode_suggestions"] = suggest_supernodes(data, list(transcoder.W_dec))
+    checks = cached_checks(out / CACHE, prompt.slug)
+    data["metadata"]["scores"] = {**graph_scores(graph), **checks}  # of the unpruned graph
     write_json(out / f"{prompt.slug}.json", data)
     png = out / f"{prompt.slug}.png"
     if cfg.png:
@@ -319,8 +368,13 @@ def write_outputs(
 
 
 def run(params: Params, *, progress: bool = True) -> dict[str, str]:
-    """The `graphs` stage; returns {slug: "computed" | "pruned" | "kept"}."""
+    """The `graphs` stage; returns {slug: "computed" | "pruned" | "kept"}.
+
+    Under `torchrun` the prompts to write are split over the ranks (`pipeline.distributed`);
+    rank 0 reads the manifest and removes stale files first, and writes the manifest, the
+    metadata and the metrics once every rank is done, so the files do not depend on N."""
     cfg = params.graphs
+    ranks = world(resolve_device(params.runtime.device))  # on CUDA, also this rank's GPU
     prompts = read_prompts(params.paths.prompts)
     out = Path(params.paths.graphs)
     cache = out / CACHE
@@ -335,29 +389,38 @@ def run(params: Params, *, progress: bool = True) -> dict[str, str]:
     attribution_keys = {p.slug: attribution_key(base, p) for p in prompts}
     packed = features_hash(params.paths.features)
     keys = {slug: output_key(key, cfg, scan, packed) for slug, key in attribution_keys.items()}
-    manifest_path = out / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    manifest = {slug: key for slug, key in manifest.items() if keys.get(slug) == key}
-    removed = remove_stale(out, set(keys))
-    if removed:
-        logger.info("removed %d stale files: %s", len(removed), ", ".join(removed))
-    expected = [".json", ".png"] if cfg.png else [".json"]
-    todo = [
-        p
-        for p in prompts
-        if manifest.get(p.slug) != keys[p.slug] or not all((out / f"{p.slug}{x}").is_file() for x in expected)
-    ]
-    logger.info(
-        "%d prompts: %d graphs to write, %d up to date", len(prompts), len(todo), len(prompts) - len(todo)
-    )
-    status = {}
-    features = feature_reader(params.paths.features) if todo else None
-    for prompt in tqdm(todo, desc="graphs", unit="graph", disable=not progress):
+    todo = None
+    if ranks.main:
+        manifest = read_manifest(out, keys)
+        removed = remove_stale(out, set(keys))
+        if removed:
+            logger.info("removed %d stale files: %s", len(removed), ", ".join(removed))
+        expected = [".json", ".png"] if cfg.png else [".json"]
+        todo = [
+            p.slug
+            for p in prompts
+            if manifest.get(p.slug) != keys[p.slug]
+            or not all((out / f"{p.slug}{x}").is_file() for x in expected)
+        ]
+        logger.info(
+            "%d prompts: %d graphs to write, %d up to date on %d process(es)",
+            len(prompts),
+            len(todo),
+            len(prompts) - len(todo),
+            ranks.size,
+        )
+    todo = broadcast_object(todo)
+    mine = [p for i, p in enumerate(p for p in prompts if p.slug in todo) if ranks.owns(i)]
+    status, done = {}, {}
+    features = feature_reader(params.paths.features) if mine else None
+    if mine:
+        (cache / PROGRESS).mkdir(exist_ok=True)
+    for prompt in tqdm(mine, desc="graphs", unit="graph", disable=not (progress and ranks.main)):
         key = attribution_keys[prompt.slug]
         graph, status[prompt.slug] = unpruned_graph(model, tokenizer, transcoder, prompt, cfg, cache, key)
-        data = write_outputs(graph, tokenizer, prompt, cfg, scan, out, features)
-        manifest[prompt.slug] = keys[prompt.slug]
-        write_json(manifest_path, dict(sorted(manifest.items())))
+        data = write_outputs(graph, tokenizer, prompt, cfg, scan, out, features, transcoder)
+        done[prompt.slug] = keys[prompt.slug]
+        write_json(cache / PROGRESS / f"rank-{ranks.rank}.json", done)  # a killed run keeps it
         logger.info(
             "%s (%s): %d nodes, %d links",
             prompt.slug,
@@ -365,12 +428,32 @@ def run(params: Params, *, progress: bool = True) -> dict[str, str]:
             len(data["nodes"]),
             len(data["links"]),
         )
+    wait_for_ranks("graphs: every graph written")
+    status = {slug: s for part in all_gather_objects(status) for slug, s in part.items()}
     for prompt in prompts:
         status.setdefault(prompt.slug, "kept")
-    write_json(manifest_path, dict(sorted(manifest.items())))
-    write_graph_metadata(out, [p.slug for p in prompts])
-    write_score_metrics(out, [p.slug for p in prompts], Path(params.paths.metrics))
-    return status
+    if ranks.main:
+        read_manifest(out, keys)
+        write_graph_metadata(out, [p.slug for p in prompts])
+        write_score_metrics(out, [p.slug for p in prompts], Path(params.paths.metrics))
+    barrier("graphs: manifest written")
+    return dict(sorted(status.items()))
+
+
+def read_manifest(out: Path, keys: dict[str, str]) -> dict[str, str]:
+    """Rewrite the manifest with its entries that are still current (their output key is
+    in `keys`) and the graphs each rank recorded in `.cache/progress/` since (`run`), then
+    drop those records: a killed run, on any number of processes, loses no finished graph."""
+    path = out / MANIFEST
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    progress = out / CACHE / PROGRESS
+    for part in sorted(progress.glob("*.json")) if progress.is_dir() else ():
+        manifest.update(json.loads(part.read_text()))
+    manifest = {slug: key for slug, key in manifest.items() if keys.get(slug) == key}
+    write_json(path, dict(sorted(manifest.items())))
+    if progress.is_dir():
+        shutil.rmtree(progress)
+    return manifest
 
 
 def write_score_metrics(out: Path, slugs: list[str], metrics: Path) -> dict:

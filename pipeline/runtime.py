@@ -4,6 +4,13 @@ Every stage entry point (`python -m stages.<name>`) and every `clt` command goes
 `run_stage` / `report_error`, so a user error (a bad params value, a missing file, a
 corrupted store) prints one `Error: ...` line on stderr instead of a traceback. Set
 `CLT_DEBUG=1` (or pass `clt --debug`) to get the traceback.
+
+`CLT_NPROC=N` (N > 1) makes `run_stage` re-run a stage that can run distributed under
+torchrun with N processes (`python -m torch.distributed.run --standalone
+--nproc_per_node=N -m stages.<name>`) unless it already runs under a launcher; the other
+stages run on one process as always; `dvc.yaml`'s commands and every stage's hash stay
+the same, so `CLT_NPROC=2 dvc repro` re-runs nothing that one process had brought up to
+date (see `pipeline.distributed` for what runs where).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ DTYPES: dict[str, torch.dtype] = {
 """The dtype names params.yaml and the activation store use, and their torch dtypes."""
 
 DEBUG_ENV = "CLT_DEBUG"
+NPROC_ENV = "CLT_NPROC"
 
 
 def torch_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
@@ -67,9 +75,9 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
 
 
-def report_error(error: BaseException) -> int:
-    """Print `error` as one `Error:` line on stderr; returns the exit code: 2 for a bad
-    params value (a usage error), 1 for anything else."""
+def report_error(error: BaseException, *, where: str = "") -> int:
+    """Print `error` as one `Error:` line on stderr (after `where`, e.g. `rank 1/2: `);
+    returns the exit code: 2 for a bad params value (a usage error), 1 for anything else."""
     from pipeline.config import ParamsError
 
     if isinstance(error, (ValueError, OSError)):  # ours say what, where and the fix
@@ -77,22 +85,58 @@ def report_error(error: BaseException) -> int:
     else:  # a failure of another kind: name it, and how to see where it happened
         message = f"{type(error).__name__}: {error} (set {DEBUG_ENV}=1 for the traceback)"
     message = " ".join(line.strip() for line in message.splitlines() if line.strip())
-    print(f"Error: {message}", file=sys.stderr)
+    print(f"Error: {where}{message}", file=sys.stderr)
     return 2 if isinstance(error, ParamsError) else 1
 
 
-def run_stage(run: Callable, params_path: str = "params.yaml") -> None:
+def nproc() -> int:
+    """The processes `CLT_NPROC` asks for (1 when unset)."""
+    value = os.environ.get(NPROC_ENV, "1").strip() or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{NPROC_ENV} must be a whole number of processes >= 1, got {value!r}")
+    return int(value)
+
+
+def torchrun_command(n: int) -> list[str] | None:
+    """The command that re-runs this process's `python -m <module>` (or script) under
+    torchrun with `n` processes, or None when there is nothing to do: one process, or
+    already under a launcher (torchrun sets WORLD_SIZE)."""
+    if n == 1 or "WORLD_SIZE" in os.environ:
+        return None
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    target = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+    return [*torchrun, *target, *sys.argv[1:]]
+
+
+def run_stage(run: Callable, params_path: str = "params.yaml", *, distributed: bool = False) -> None:
     """Set up logging, read and validate `params.yaml` (a bad value stops here, before any
     work), apply the `runtime` settings, then call `run(params)`. An error exits with one
-    `Error:` line (`report_error`), or its traceback with `CLT_DEBUG=1`."""
+    `Error:` line (`report_error`, naming the rank under torchrun), or its traceback with
+    `CLT_DEBUG=1`. For a `distributed` stage (one whose `run` splits its work over the
+    ranks of `pipeline.distributed`), `CLT_NPROC=N` first replaces the process with N
+    processes under torchrun (`torchrun_command`), each of which runs this again."""
     from pipeline.config import load_params
 
     setup_logging()
+    where = ""
     try:
+        command = torchrun_command(nproc()) if distributed else None
+        if command is not None:
+            logging.getLogger(__name__).info("%s=%s: %s", NPROC_ENV, os.environ[NPROC_ENV], " ".join(command))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, command)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            where = f"rank {os.environ.get('RANK', '?')}/{os.environ['WORLD_SIZE']}: "
         params = load_params(params_path)
         configure_torch(params.runtime.num_threads)
         run(params)
+        # A stage that joined a process group (it imported pipeline.distributed) leaves it;
+        # not importing that module here keeps it out of the deps of the stages that do not.
+        if "pipeline.distributed" in sys.modules:
+            sys.modules["pipeline.distributed"].shutdown()
     except Exception as e:
         if debug_enabled():
             raise
-        sys.exit(report_error(e))
+        sys.exit(report_error(e, where=where))

@@ -14,9 +14,13 @@ speed for ~7% space). bfloat16 is stored as uint16 with `logical_dtype: bfloat16
 array's attributes, since Zarr has no bfloat16.
 
 Writing is crash-safe: a `StoreWriter` works in a staging folder (`<path>.partial`),
-writes whole shards only, records each finished shard in `progress.json` (atomically),
-resumes after the last finished shard when started again with the same schema, and
-finally marks the group `complete` and renames it into place. `ActivationStore` refuses a
+writes whole shards only, marks each finished shard with an empty file
+`progress/<shard>`, writes only the unmarked shards when started again with the same
+schema, and finally marks the group `complete` and renames it into place. Under
+`torchrun` (`pipeline.distributed`) rank 0 creates the store, each rank writes the shards
+it owns (shard u on rank u mod N), and rank 0 finalizes it once every rank is done; the
+markers let a killed run resume with any number of processes, and the bytes do not
+depend on it. `ActivationStore` refuses a
 store that is not complete, has missing chunks or a file of the wrong size, so a reader
 never sees fill values; a read that fails Zarr's checksum names the damaged file. Whole
 shards are read and written as single files, without Zarr's copies (`pipeline.shards`).
@@ -37,7 +41,8 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.atomic import move_into_place, write_json
+from pipeline.atomic import move_into_place
+from pipeline.distributed import World, barrier, fault, wait_for_ranks
 from pipeline.shards import (
     fast_path_ok,
     file_layout,
@@ -121,24 +126,41 @@ def nonfinite_layers(values: np.ndarray, logical: str, block: int = 256) -> np.n
 
 
 class StoreWriter:
-    """Creates (or resumes) a store in `<path>.partial` and writes it one shard at a time."""
+    """Creates (or resumes) a store in `<path>.partial` and writes it one shard at a time.
 
-    def __init__(self, path: str | Path, schema: StoreSchema, token_ids, doc_ids, positions):
+    With a `world` of several ranks, every rank constructs one (rank 0 creates or resumes
+    the store, the others open it after a barrier) and writes the shards of `shards_todo`
+    (those it owns that are not marked done); `finalize` then waits for every rank."""
+
+    def __init__(
+        self, path: str | Path, schema: StoreSchema, token_ids, doc_ids, positions, *, world: World = World()
+    ):
         self.path = Path(path)
         self.staging = self.path.with_name(self.path.name + ".partial")
         self.schema = schema
-        self._progress = self.staging / "progress.json"
-        if self._resumable():
+        self.world = world
+        self._progress = self.staging / "progress"
+        if world.main:
+            if self._resumable():
+                self.group = zarr.open_group(str(self.staging), mode="r+")
+            else:
+                self._create(token_ids, doc_ids, positions)
+        barrier("dump: store created")
+        if not world.main:
             self.group = zarr.open_group(str(self.staging), mode="r+")
-            self.shards_done = json.loads(self._progress.read_text())["shards_done"]
-            logger.info("resuming %s after %d/%d shards", self.staging, self.shards_done, schema.n_shards)
-        else:
-            self._create(token_ids, doc_ids, positions)
-            self.shards_done = 0
+        done = self.finished()
+        if world.main and done:
+            logger.info("resuming %s with %d/%d shards done", self.staging, len(done), schema.n_shards)
+        self.shards_todo = [u for u in range(schema.n_shards) if world.owns(u) and u not in done]
         self._fast = {n: fast_path_ok(self.group[n]) for n in ACTIVATIONS}
 
+    def finished(self) -> set[int]:
+        """The shards marked done."""
+        return {int(p.name) for p in self._progress.iterdir() if p.name.isdigit()}
+
     def _resumable(self) -> bool:
-        if not self._progress.is_file():
+        legacy = self.staging / "progress.json"  # {"shards_done": n}: shards [0, n) are done
+        if not (self._progress.is_dir() or legacy.is_file()):
             return False
         try:
             attrs = zarr.open_group(str(self.staging), mode="r").attrs.asdict()
@@ -147,6 +169,11 @@ class StoreWriter:
         same = attrs.get("schema") == asdict(self.schema)
         if not same:
             logger.warning("discarding %s: it was written with other settings", self.staging)
+        elif legacy.is_file():
+            self._progress.mkdir(exist_ok=True)
+            for shard in range(json.loads(legacy.read_text())["shards_done"]):
+                (self._progress / str(shard)).touch()
+            legacy.unlink()
         return same
 
     def _create(self, token_ids, doc_ids, positions) -> None:
@@ -194,18 +221,15 @@ class StoreWriter:
                 "n_tokens": s.n_tokens,
             }
         )
-        self._write_progress(0)
-
-    def _write_progress(self, shards_done: int) -> None:
-        write_json(self._progress, {"shards_done": shards_done})
+        self._progress.mkdir()
 
     def write_shard(self, shard: int, activations: dict[str, np.ndarray]) -> None:
-        """Write shard `shard` of every activation array; shards must come in order.
+        """Write shard `shard` of every activation array, then mark it done.
 
         Values must be finite: a NaN/inf raises a `ValueError` naming the array, layer and row.
         """
-        if shard != self.shards_done:
-            raise ValueError(f"shard {shard} written out of order (next is {self.shards_done})")
+        if not 0 <= shard < self.schema.n_shards:
+            raise ValueError(f"shard {shard} is outside the store's {self.schema.n_shards} shards")
         start, stop = self.schema.shard_rows(shard)
         for name in ACTIVATIONS:
             if activations[name].shape[0] != stop - start:
@@ -221,8 +245,8 @@ class StoreWriter:
                 write_shard_file(path, values, self.schema.chunk_tokens)
             else:
                 self.group[name][start:stop] = values
-        self.shards_done += 1
-        self._write_progress(self.shards_done)
+        (self._progress / str(shard)).touch()
+        fault(f"dump-shard-{shard}")
 
     def _check_finite(self, activations: dict[str, np.ndarray], first_row: int) -> None:
         """Refuse NaN/inf, naming the earliest layer (where the problem starts) and a token."""
@@ -240,12 +264,17 @@ class StoreWriter:
         )
 
     def finalize(self) -> Path:
-        """Mark the store complete and move it into place."""
-        if self.shards_done != self.schema.n_shards:
-            raise RuntimeError(f"finalize after {self.shards_done}/{self.schema.n_shards} shards")
-        self.group.attrs["complete"] = True
-        self._progress.unlink()
-        move_into_place(self.staging, self.path)
+        """Once every rank has written its shards, mark the store complete and move it
+        into place (rank 0)."""
+        wait_for_ranks("dump: shards written")
+        if self.world.main:
+            missing = sorted(set(range(self.schema.n_shards)) - self.finished())
+            if missing:
+                raise RuntimeError(f"finalize with shards {missing} of {self.staging} not written")
+            self.group.attrs["complete"] = True
+            shutil.rmtree(self._progress)
+            move_into_place(self.staging, self.path)
+        barrier("dump: store complete")
         return self.path
 
 

@@ -10,6 +10,18 @@
 4. `validate`: per-layer NMSE (fraction of variance unexplained), L0 and dead features on
    the held-out documents.
 5. `calibrate_thresholds` (topk / batchtopk only) and `export` to circuit-tracer's format.
+
+Under `torchrun --nproc_per_node=N -m stages.train` the run is feature (tensor) parallel:
+every rank builds the same initialised transcoder (same seed, same init sample), keeps its
+slice of every layer's features (`CrossLayerTranscoder.shard`) and reads the same batches
+(the data order is a function of seed and step only). Per step, the partial
+reconstructions are summed by one all-reduce (inside the forward pass); the decoder norms,
+the sparsity and pre-activation terms and Adam are local to each rank's features; a
+second small all-reduce averages the gradient of the replicated `b_dec` and sums the
+logged loss terms (and the squared gradient norm for `max_grad_norm`) in one buffer
+(`sync_gradients`). A checkpoint (`Checkpoint`) is one safetensors file of slices per rank
+and a JSON index of which file holds which features of each tensor, so a run resumes at
+any number of ranks; rank 0 validates and exports the gathered transcoder.
 """
 
 from __future__ import annotations
@@ -27,11 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pipeline.atomic import staged
+from pipeline.atomic import remove
 from pipeline.clt import CLTShape, CrossLayerTranscoder, export_transcoder
 from pipeline.config import Params, TrainConfig
+from pipeline.distributed import World, barrier, broadcast_object, fault, gather_objects, local_device, world
 from pipeline.loader import ActivationLoader, Batch, rows_mask
 from pipeline.runtime import resolve_device, torch_dtype
 from pipeline.store import ACTIVATIONS, ActivationStore
@@ -129,25 +144,134 @@ def loss_terms(
 
 
 class Checkpoint:
-    """An atomic checkpoint of everything a resumed run needs to continue exactly."""
+    """An atomic checkpoint of everything a resumed run needs to continue exactly, as a
+    folder that every rank sees and that holds no pickle:
 
-    def __init__(self, folder: Path, fingerprint: dict):
-        self.path = folder / "checkpoint.pt"
+    - `rank-<r>.safetensors`: rank r's slice of every sharded tensor (the model's parameters
+      and their Adam moments `exp_avg`, `exp_avg_sq`); rank 0's file also holds the tensors
+      that are the same on every rank (`b_dec`, the scales);
+    - `meta.json` (rank 0): the run's fingerprint, `step`, `history`, `bandwidth`, Adam's
+      per-parameter `step` counts (`optimizer`), and per tensor its whole shape, its feature
+      dim (null: the same on every rank) and which file holds which [start, stop) of it.
+
+    So a run checkpointed on N ranks resumes on any number: each rank reads only the parts
+    of the files that overlap its features (`read_tensors`). Every rank calls `save` (the
+    ranks' files are written between two barriers, then rank 0 renames the staging folder
+    into place) and `load`."""
+
+    def __init__(self, folder: Path, fingerprint: dict, here: World = World()):
+        self.path = folder / "checkpoint"
         self.fingerprint = fingerprint
+        self.here = here
 
-    def load(self) -> dict | None:
-        if not self.path.is_file():
+    def load(self, template: dict) -> dict | None:
+        """The saved state with its tensors read into (copies of) `template["tensors"]`, this
+        rank's slices (`template["feature_dims"]`, `template["features"]`, as `save` takes them),
+        or None when there is none or it was written with other settings."""
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") != self.fingerprint:
+        meta = json.loads(meta_path.read_text())
+        if meta.pop("fingerprint") != json.loads(json.dumps(self.fingerprint)):
             logger.warning("ignoring %s: written with other settings", self.path)
             return None
-        return state
+        layout = meta.pop("tensors")
+        tensors = read_tensors(
+            self.path, layout, template["tensors"], template["feature_dims"], template["features"]
+        )
+        return {**meta, "tensors": tensors}
 
-    def save(self, **state) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with staged(self.path, suffix=".tmp") as tmp:
-            torch.save({"fingerprint": self.fingerprint, **state}, tmp)
+    def save(self, *, tensors: dict, feature_dims: dict, features: tuple[int, int], **meta) -> None:
+        """Write this rank's `tensors`: each one's slice [start, stop) = `features` along its
+        feature dim (`feature_dims`), or, for the tensors whose dim is None, the whole tensor
+        (rank 0 only); `meta` (JSON) goes to `meta.json`."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        if self.here.main:
+            remove(tmp)
+            tmp.mkdir(parents=True)
+        barrier("train: checkpoint staged")
+        file = f"rank-{self.here.rank}.safetensors"
+        mine = {
+            name: t.detach().cpu().contiguous()
+            for name, t in tensors.items()
+            if feature_dims[name] is not None or self.here.main
+        }
+        save_file(mine, tmp / file)
+        ranges = gather_objects((file, list(features)))  # on rank 0, once every rank has written
+        if self.here.main:
+            layout = {
+                name: describe_tensor(t, feature_dims[name], ranges, main=file) for name, t in tensors.items()
+            }
+            meta_json = json.dumps({"fingerprint": self.fingerprint, **meta, "tensors": layout})
+            (tmp / "meta.json").write_text(meta_json)
+            remove(self.path)
+            tmp.rename(self.path)
+        barrier("train: checkpoint saved")
+
+
+def describe_tensor(t: torch.Tensor, dim: int | None, ranges: list, *, main: str) -> dict:
+    """A tensor's entry in a checkpoint's `meta.json`: its whole shape, its feature dim and
+    which rank file holds which [start, stop) of it (`ranges`: each rank's file and range),
+    or, with `dim` None, the one file (`main`) that holds all of it."""
+    if dim is None:
+        return {"shape": list(t.shape), "feature_dim": None, "files": {main: None}}
+    files = dict(ranges)
+    bounds = sorted(files.values())
+    assert bounds[0][0] == 0 and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])), bounds
+    shape = [*t.shape[:dim], bounds[-1][1], *t.shape[dim + 1 :]]
+    return {"shape": shape, "feature_dim": dim, "files": files}
+
+
+def read_tensors(
+    folder: Path, layout: dict, like: dict, feature_dims: dict, features: tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """This rank's slice [start, stop) = `features` (along each tensor's feature dim, or the
+    whole tensor where `feature_dims` says None) of every tensor of `like`, read from the
+    checkpoint `folder` whose `meta.json` describes them (`layout`), into new tensors of
+    `like`'s dtypes and devices. Reads only the overlapping ranges of the rank files
+    (`safe_open(...).get_slice`), so a rank never loads another rank's slice."""
+    start, stop = features
+    out = {}
+    with contextlib.ExitStack() as stack:
+        opened = {}
+
+        def tensor(file: str, name: str):
+            if file not in opened:
+                opened[file] = stack.enter_context(safe_open(folder / file, framework="pt", device="cpu"))
+            return opened[file].get_slice(name)
+
+        for name, t in like.items():
+            entry, dim = layout.get(name), feature_dims[name]
+            expected = (dim, [n for i, n in enumerate(t.shape) if i != dim])  # all but the feature dim
+            found = None
+            if entry is not None:
+                found = (entry["feature_dim"], [n for i, n in enumerate(entry["shape"]) if i != dim])
+            if found != expected:
+                raise ValueError(
+                    f"checkpoint {folder} does not match this run's transcoder at {name!r}: expected "
+                    f"feature dim {dim} and local shape {list(t.shape)}, found {entry}; delete {folder} "
+                    "to start over"
+                )
+            into = torch.empty_like(t)
+            if dim is None:
+                (file,) = entry["files"]
+                into.copy_(tensor(file, name)[:])
+                out[name] = into
+                continue
+            have = 0
+            for file, (lo, hi) in entry["files"].items():
+                a, b = max(lo, start), min(hi, stop)
+                if a < b:
+                    index = (slice(None),) * dim + (slice(a - lo, b - lo),)
+                    into.narrow(dim, a - start, b - a).copy_(tensor(file, name)[index])
+                    have += b - a
+            if have != stop - start:
+                raise ValueError(
+                    f"checkpoint {folder} holds {have} of features [{start}, {stop}) of {name!r}; "
+                    f"delete {folder} to start over"
+                )
+            out[name] = into
+    return out
 
 
 def build_transcoder(store: ActivationStore, cfg: TrainConfig) -> CrossLayerTranscoder:
@@ -187,35 +311,79 @@ def sparse_decoder_pays(d_transcoder: int, l0: float) -> bool:
     return d_transcoder >= SPARSE_MIN_D_TRANSCODER and l0 <= d_transcoder * SPARSE_MAX_L0_FRACTION
 
 
+def sync_gradients(model: CrossLayerTranscoder, stats: torch.Tensor) -> torch.Tensor:
+    """After the backward pass of a feature shard: one all-reduce that averages the
+    gradients of the replicated parameters (`b_dec`) over the ranks and sums `stats` (a
+    vector of per-rank partial sums); returns the summed `stats`. On a whole transcoder,
+    `stats` unchanged."""
+    if model.feature_shard is None:
+        return stats
+    replicated = [p for name, p in model.named_parameters() if model.feature_dim(name) is None]
+    grads = [p.grad.flatten() for p in replicated]
+    buffer = torch.cat([*grads, stats.to(grads[0].dtype)])
+    torch.distributed.all_reduce(buffer)
+    offset = 0
+    for p, g in zip(replicated, grads):
+        p.grad.copy_((buffer[offset : offset + len(g)] / model.feature_shard.size).view_as(p.grad))
+        offset += len(g)
+    return buffer[offset:]
+
+
+def gradient_sq_norm(model: CrossLayerTranscoder, *, sharded: bool) -> torch.Tensor:
+    """The squared gradient norm of the sharded parameters (`sharded`) or of the others."""
+    grads = [
+        p.grad.float().pow(2).sum()
+        for name, p in model.named_parameters()
+        if p.grad is not None and (model.feature_dim(name) is not None) == sharded
+    ]
+    return torch.stack(grads).sum() if grads else torch.zeros((), device=model.b_dec.device)
+
+
 class Trainer:
     """One training run: the transcoder, its optimizer and the schedules.
 
     `Trainer(store, cfg, device=...)` builds and initialises the transcoder (steps 1-2);
     `train_step(batch)` is one optimisation step at the current step's learning rate and
     sparsity lambda; `fit` runs (or resumes) the whole run with checkpoints (step 3);
-    `state_dict` / `load_state_dict` are what a checkpoint holds.
+    `state_dict` / `load_state_dict` are what a checkpoint holds. With `here` a rank of a
+    feature-parallel run (`pipeline.distributed.world`), it trains that rank's shard.
     """
 
-    def __init__(self, store: ActivationStore, cfg: TrainConfig, *, device: torch.device):
+    def __init__(
+        self, store: ActivationStore, cfg: TrainConfig, *, device: torch.device, here: World = World()
+    ):
         model = build_transcoder(store, cfg)
         init = sample_rows(store, "train", cfg.val_fraction, 4096, cfg.max_norm_ratio)
         fit_scales(model, init)
         x_init, _ = normalise(model, init["resid_mid"], init["mlp_out"])  # also calibrates topk
-        self._start(model, cfg, x_init, device)
+        self._start(model, cfg, x_init, device, here)
 
     @classmethod
     def from_inputs(
-        cls, model: CrossLayerTranscoder, cfg: TrainConfig, x_init: torch.Tensor, *, device: torch.device
+        cls,
+        model: CrossLayerTranscoder,
+        cfg: TrainConfig,
+        x_init: torch.Tensor,
+        *,
+        device: torch.device,
+        here: World = World(),
     ) -> Trainer:
         """A trainer for `model` (its scales already set) initialised from normalised inputs
         `x_init` (n_tokens, n_layers, d_model), without a store (`python -m bench.train --full-step`)."""
         trainer = cls.__new__(cls)
-        trainer._start(model, cfg, x_init, device)
+        trainer._start(model, cfg, x_init, device, here)
         return trainer
 
-    def _start(self, model: CrossLayerTranscoder, cfg: TrainConfig, x_init: torch.Tensor, device) -> None:
-        self.cfg, self.device, self.model, self.x_init = cfg, device, model, x_init
+    def _start(
+        self, model: CrossLayerTranscoder, cfg: TrainConfig, x_init: torch.Tensor, device, here: World
+    ) -> None:
+        self.cfg, self.device, self.x_init, self.here = cfg, device, x_init, here
+        # the whole transcoder is initialised on every rank (the same on all: same seed and
+        # sample; the STE bandwidth is a statistic of all features), then sliced
         self.bandwidth = init_encoder(model, x_init, cfg)
+        if here.distributed:
+            model = model.shard(here.rank, here.size)
+        self.model = model
         model.to(device)
         self.optimizer = build_optimizer(model, cfg, device)
         self.steps_done = 0
@@ -236,17 +404,53 @@ class Trainer:
         return sparse_decoder_pays(cfg.d_transcoder, l0)
 
     def state_dict(self) -> dict:
+        """What a checkpoint holds (`Checkpoint.save`'s arguments): `tensors`, by name this
+        rank's slice of the model's parameters and buffers and of each parameter's Adam
+        moments (zeros before the first step), with `feature_dims` (None: the same on every
+        rank) and the slice's `features` [start, stop); `optimizer`, each parameter's Adam
+        `step` count; and `step`, `history`, `bandwidth`."""
+        tensors, feature_dims, optimizer = {}, {}, {}
+        for name, t in itertools.chain(self.model.named_parameters(), self.model.named_buffers()):
+            tensors[f"model.{name}"], feature_dims[f"model.{name}"] = t.detach(), self.model.feature_dim(name)
+        for name, p in self.model.named_parameters():
+            state = self.optimizer.state.get(p) or {
+                "step": torch.zeros((), dtype=torch.float32),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p),
+            }
+            optimizer[name] = {"step": state["step"].item()}  # a float32 count: exact as a JSON number
+            for key in ("exp_avg", "exp_avg_sq"):
+                tensors[f"optimizer.{name}.{key}"] = state[key]
+                feature_dims[f"optimizer.{name}.{key}"] = self.model.feature_dim(name)
+        shard = self.model.feature_shard
+        features = (shard.start, shard.stop) if shard is not None else (0, self.model.shape.d_transcoder)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "tensors": tensors,
+            "feature_dims": feature_dims,
+            "features": features,
+            "optimizer": optimizer,
             "step": self.steps_done,
             "history": self.history,
             "bandwidth": self.bandwidth,
         }
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from `state`, what `Checkpoint.load` read (this rank's slices)."""
+        tensors = state["tensors"]
+        for name, t in itertools.chain(self.model.named_parameters(), self.model.named_buffers()):
+            t.copy_(tensors[f"model.{name}"])
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        for group in self.optimizer.param_groups:
+            # where Adam keeps `step`: on the parameter's device when fused, else the CPU
+            on_device = group["fused"] or group["capturable"]
+            for p in group["params"]:
+                name = names[id(p)]
+                step = torch.tensor(state["optimizer"][name]["step"], dtype=torch.float32)
+                self.optimizer.state[p] = {
+                    "step": step.to(p.device if on_device else "cpu"),
+                    **{key: tensors[f"optimizer.{name}.{key}"] for key in ("exp_avg", "exp_avg_sq")},
+                }
         self.steps_done, self.history, self.bandwidth = state["step"], state["history"], state["bandwidth"]
 
     def train_step(self, batch: Batch) -> dict:
@@ -260,14 +464,28 @@ class Trainer:
         terms = loss_terms(model, x, y, lam=lam, cfg=cfg, bandwidth=self.bandwidth, sparse=sparse)
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
+        l0 = (terms["acts"] != 0).float().sum(-1).mean()
+        loss = terms["total"]
+        if model.feature_shard is not None:  # the per-rank terms summed over the ranks' features
+            zero = torch.zeros((), device=l0.device)
+            parts = [terms.get("sparsity", zero), terms.get("pre_act", zero), l0, zero]
+            if cfg.max_grad_norm > 0:
+                parts[3] = gradient_sq_norm(model, sharded=True)
+            sparsity, pre_act, l0, sq_norm = sync_gradients(model, torch.stack([p.detach() for p in parts]))
+            loss = terms["mse"] + lam * sparsity + cfg.pre_act_coef * pre_act if "sparsity" in terms else loss
+            if cfg.max_grad_norm > 0:
+                clip_gradients(model, cfg.max_grad_norm, sq_norm + gradient_sq_norm(model, sharded=False))
+        elif cfg.max_grad_norm > 0:
+            sq_norm = gradient_sq_norm(model, sharded=True) + gradient_sq_norm(model, sharded=False)
+            clip_gradients(model, cfg.max_grad_norm, sq_norm)
         self.optimizer.step()
         variance = (y - y.mean(0)).pow(2).sum(dim=(1, 2)).mean().item()
         record = {
             "step": step,
-            "loss": terms["total"].item(),
+            "loss": loss.item(),
             "mse": terms["mse"].item(),
             "nmse": terms["mse"].item() / variance,
-            "l0": (terms["acts"] != 0).float().sum(-1).mean().item(),
+            "l0": l0.item(),
             "lambda": lam,
             "lr": lr_at(step, cfg),
         }
@@ -278,12 +496,16 @@ class Trainer:
     def fit(self, loader: ActivationLoader, checkpoint: Checkpoint, *, progress: bool = True) -> list[dict]:
         """Run (or resume from `checkpoint`) to `cfg.n_steps`; returns the per-step history."""
         cfg = self.cfg
-        state = checkpoint.load()
+        state = checkpoint.load(self.state_dict())
         if state is not None:
             self.load_state_dict(state)
             logger.info("resuming training at step %d/%d", self.steps_done, cfg.n_steps)
         bar = tqdm(
-            total=cfg.n_steps, initial=self.steps_done, desc="train", unit="step", disable=not progress
+            total=cfg.n_steps,
+            initial=self.steps_done,
+            desc="train",
+            unit="step",
+            disable=not (progress and self.here.main),
         )
         with contextlib.closing(loader.batches(self.steps_done)) as batches:  # stops the read-ahead thread
             for batch in itertools.islice(batches, cfg.n_steps - self.steps_done):
@@ -292,16 +514,29 @@ class Trainer:
                 bar.set_postfix(nmse=f"{record['nmse']:.3f}", l0=f"{record['l0']:.1f}")
                 if self.steps_done % cfg.checkpoint_every == 0 or self.steps_done == cfg.n_steps:
                     checkpoint.save(**self.state_dict())
+                    fault(f"train-step-{self.steps_done}")  # tests: a rank killed after a checkpoint
         bar.close()
         return self.history
 
     def trained_model(self) -> CrossLayerTranscoder:
-        """The transcoder on CPU, JumpReLU (topk / batchtopk thresholds calibrated), ready to export."""
-        model = self.model.cpu()
+        """The whole transcoder on CPU, JumpReLU (topk / batchtopk thresholds calibrated), ready
+        to export; on a feature shard, gathered from every rank (all ranks call this)."""
+        model = self.model.gather().cpu() if self.model.feature_shard is not None else self.model.cpu()
         if self.cfg.activation != "jumprelu":
             calibrate_thresholds(model, self.x_init)
             model.shape = CLTShape(**{**asdict(model.shape), "activation": "jumprelu"})
         return model
+
+
+@torch.no_grad()
+def clip_gradients(model: CrossLayerTranscoder, max_norm: float, sq_norm: torch.Tensor) -> None:
+    """Scale every gradient by max_norm / ||g|| where the global norm ||g|| = sqrt(`sq_norm`)
+    exceeds `max_norm` (as `torch.nn.utils.clip_grad_norm_`, but with the norm of the whole
+    transcoder's gradient when `model` is one feature shard)."""
+    coef = (max_norm / (sq_norm.sqrt() + 1e-6)).clamp(max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.dtype))
 
 
 @torch.no_grad()
@@ -384,6 +619,8 @@ def run(params: Params, *, progress: bool = True) -> dict:
     cfg = params.train
     torch.manual_seed(cfg.seed)
     device = resolve_device(params.runtime.device)
+    here = world(device)  # under torchrun: this rank of a feature-parallel run
+    device = local_device(device)
     store = ActivationStore(params.paths.activations)
     check_store_model(store, params.model.name)
     out = Path(params.paths.transcoder)
@@ -397,16 +634,19 @@ def run(params: Params, *, progress: bool = True) -> dict:
         seed=cfg.seed,
         max_norm_ratio=cfg.max_norm_ratio,
     )
-    trainer = Trainer(store, cfg, device=device)
+    trainer = Trainer(store, cfg, device=device, here=here)
     fingerprint = {"train": asdict(cfg), "store": asdict(store.schema)}
-    history = trainer.fit(loader, Checkpoint(work, fingerprint), progress=progress)
+    history = trainer.fit(loader, Checkpoint(work, fingerprint, here), progress=progress)
     model = trainer.trained_model()
-    val = sample_rows(store, "val", cfg.val_fraction, 8192)
-    metrics = validate(model, val)
-    logger.info("validation: %s", metrics["mean"])
-    # `scan` (where the frontend finds the `pack` stage's features): a portable name made
-    # from `model.name` by `export_transcoder`, e.g. ./feature-data/smollm2-135m-instruct.
-    export_transcoder(model, out, model_name=params.model.name)
-    write_metrics(Path(params.paths.metrics), metrics, history)
-    shutil.rmtree(work, ignore_errors=True)
-    return metrics
+    metrics = None
+    if here.main:
+        val = sample_rows(store, "val", cfg.val_fraction, 8192)
+        metrics = validate(model, val)
+        logger.info("validation: %s", metrics["mean"])
+        # `scan` (where the frontend finds the `pack` stage's features): a portable name made
+        # from `model.name` by `export_transcoder`, e.g. ./feature-data/smollm2-135m-instruct.
+        export_transcoder(model, out, model_name=params.model.name)
+        write_metrics(Path(params.paths.metrics), metrics, history)
+        shutil.rmtree(work, ignore_errors=True)
+    barrier("train: exported")
+    return broadcast_object(metrics)

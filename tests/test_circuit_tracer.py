@@ -34,7 +34,7 @@ def test_circuit_tracer_loads_our_export_and_agrees(tmp_path, kind):
         capture_output=True,
         text=True,
     )
-    theirs = torch.load(tmp_path / "out.pt")
+    theirs = torch.load(tmp_path / "out.pt", weights_only=True)
     ours = load_transcoder(folder)
     with torch.no_grad():
         _, acts, recon = ours(x.transpose(0, 1))  # ours takes (n_tokens, n_layers, d_model)

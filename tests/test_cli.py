@@ -6,8 +6,9 @@ from pipeline.cli import main
 def test_help_lists_every_stage_and_utility():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    commands = ("model", "dump", "train", "evaluate", "examples", "pack", "graphs")
-    for command in (*commands, "generate", "repro", "info", "feature", "heatmap"):
+    commands = ("model", "dump", "train", "evaluate", "examples", "pack", "graphs", "plots")
+    utilities = ("generate", "intervene", "virtual-weights", "repro", "info", "feature", "heatmap")
+    for command in (*commands, *utilities):
         assert command in result.output
 
 

@@ -60,7 +60,10 @@ def test_params_yaml_lists_every_key_with_its_default():
         ({"graphs": {"node_threshold": 0}}, "`graphs.node_threshold` must be in (0, 1], got 0.0"),
         ({"pack": {"compresslevel": 10}}, "`pack.compresslevel` must be in 1..9, got 10"),
         ({"examples": {"n_intervals": 65}}, "`examples.n_intervals` must be in 1..64, got 65"),
-        ({"train": {"compute_dtype": "float16"}}, "`train.compute_dtype` must be one of auto, bfloat16, float32"),
+        (
+            {"train": {"compute_dtype": "float16"}},
+            "`train.compute_dtype` must be one of auto, bfloat16, float32",
+        ),
         ({"examples": {"autocast": True}}, "`examples.autocast` is not a known key of `examples`"),
     ],
 )

@@ -249,7 +249,7 @@ def test_agrees_with_circuit_tracer(tmp_path, tiny_model_dir):
     cmd += [prompt, str(tmp_path / "ct.pt"), "--max-feature-nodes", "30", "--batch-size", "16"]
     cmd += ["--graph-dir", str(tmp_path / "ct_graphs"), "--slug", "s", "--scan", "/x"]
     subprocess.run(cmd, check=True, capture_output=True)
-    theirs = torch.load(tmp_path / "ct.pt")
+    theirs = torch.load(tmp_path / "ct.pt", weights_only=True)
     model, tokenizer = load_pretrained(str(model_dir), dtype=torch.float32)
     model.requires_grad_(False)
     graph = attribute(model, tokenizer, transcoder, prompt, max_feature_nodes=30, batch_size=16)

@@ -81,7 +81,7 @@ def test_scores_equal_circuit_tracers(tiny_graph, tmp_path):
     cmd = [str(CT_PYTHON), str(CT_DIR / "attribute.py"), str(model_dir), str(transcoder_dir), PROMPT]
     cmd += [str(tmp_path / "ct.pt"), "--max-feature-nodes", "30", "--batch-size", "16"]
     subprocess.run(cmd, check=True, capture_output=True)
-    theirs = torch.load(tmp_path / "ct.pt")
+    theirs = torch.load(tmp_path / "ct.pt", weights_only=True)
     ours = graph_scores(graph)
     assert ours["replacement_score"] == pytest.approx(theirs["replacement_score"], abs=1e-4)
     assert ours["completeness_score"] == pytest.approx(theirs["completeness_score"], abs=1e-4)

@@ -329,6 +329,35 @@ def test_annotation_helpers():
     assert merged == {"linkType": "both", "sg_pos": "1 2"} and lost == []
 
 
+def test_suggestion_decisions_are_saved_merged_and_served(server, site):
+    """Accept / Reject of suggested supernodes (`metadata.supernode_suggestions`): posted by
+    clt-serve.js as a JSON string, saved as a dict, merged by id, served in `qParams`."""
+    status, _, _ = save(
+        server,
+        "g1",
+        {"suggestions": json.dumps({"sg-a": "accepted", "sg-b": "rejected"}), "supernodes": json.dumps([])},
+    )
+    assert status == 200
+    saved = json.loads((site.annotations / "g1.json").read_text())["qParams"]
+    assert saved["suggestions"] == {"sg-a": "accepted", "sg-b": "rejected"}
+    save(server, "g1", {"suggestions": json.dumps({"sg-b": "accepted", "sg-c": "rejected"})})
+    saved = json.loads((site.annotations / "g1.json").read_text())["qParams"]
+    assert saved["suggestions"] == {"sg-a": "accepted", "sg-b": "accepted", "sg-c": "rejected"}
+    save(server, "g1", {"pinnedIds": "0_1_1"})  # the page's own save without ours: kept
+    served = json.loads(fetch(server, "/graph_data/g1.json")[2])
+    assert served["qParams"]["suggestions"] == {"sg-a": "accepted", "sg-b": "accepted", "sg-c": "rejected"}
+    assert served["annotations"]["stale"] == []
+    for bad in ({"sg-a": "maybe"}, ["sg-a"], "{"):
+        status, _, body = save(
+            server, "g1", {"suggestions": bad if isinstance(bad, str) else json.dumps(bad)}
+        )
+        assert status == 400 and "qParams.suggestions" in error_of(body)
+    assert json.loads((site.annotations / "g1.json").read_text())["qParams"] == {
+        **saved,
+        "pinnedIds": ["0_1_1"],
+    }
+
+
 # --- what it refuses -------------------------------------------------------------------
 
 TRAVERSALS = [

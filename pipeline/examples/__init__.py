@@ -5,7 +5,10 @@ the exported, raw-space transcoder, in one streaming pass (`collect_examples`). 
 is only loaded for its unembedding (step 6).
 
 1. `iter_batches` (`scan`): whole stored sequences, a shard at a time, read ahead in a
-   background thread (`pipeline.prefetch`) so that disk reads overlap the compute.
+   background thread (`pipeline.prefetch`) so that disk reads overlap the compute. Under
+   `torchrun` each rank reads a contiguous range of the batches, and rank 0 merges the
+   ranks' states (`FeatureState.merge`) before step 5: the tables are the bytes of one
+   process.
 2. `pre_activations` (`scan`): the features of all layers are encoded together, in `Chunk`s
    of up to `CHUNK_FEATURES` (layer, feature) pairs, feature-major: h = (x W_enc + b_enc)^T
    of shape (n_features, n_seq, context_len), so that one feature's sequence is contiguous
@@ -20,10 +23,11 @@ is only loaded for its unembedding (step 6).
    since the old grid's edges are edges of the new one.
 4. `FeatureState.update_contexts` (`stats`, `sketch`): a context is a stored sequence; its
    candidate activation is the sequence's largest, at its max token. Three `Sketch`es keep
-   the candidates with the smallest keys per group: `top` (key -activation, per feature:
+   the candidates with the smallest (key, store row) per group: `top` (key -activation, per feature:
    the top_k), `bands` (a random key, per feature and activation band of the same
    power-of-two grid: a uniform sample of each band) and `random` (a random key, per
-   feature: a uniform sample of all firing contexts). A candidate is first compared with
+   feature: a uniform sample of all firing contexts); each batch draws its random keys
+   from its own seed (`batch_seed`). A candidate is first compared with
    its group's largest kept key, so after the first batches almost all are rejected at
    once; an admitted one takes the slot of the entry it evicts and keeps the per-token
    activations of its window immediately, so there is no second pass over the store.
@@ -55,6 +59,7 @@ import torch
 
 from pipeline.clt import CrossLayerTranscoder, load_transcoder
 from pipeline.config import Params
+from pipeline.distributed import local_device, world
 from pipeline.examples.lens import logit_lens, unembedding
 from pipeline.examples.scan import (
     CHUNK_FEATURES,
@@ -129,12 +134,18 @@ def load_inputs(params: Params) -> tuple[ActivationStore, CrossLayerTranscoder, 
 
 
 def run(params: Params, *, progress: bool = True) -> dict:
-    """The `examples` stage: `examples.parquet` and `features.parquet` in `paths.examples`."""
+    """The `examples` stage: `examples.parquet` and `features.parquet` in `paths.examples`;
+    under `torchrun` the ranks scan parts of the store and rank 0 writes (`collect_examples`),
+    the same bytes as one process."""
     cfg = params.examples
     start = time.perf_counter()
-    store, transcoder, unembed, gain = load_inputs(params)
     device = resolve_device(params.runtime.device)
-    states, scan = collect_examples(store, transcoder, cfg, device=device, progress=progress)
+    ranks = world(device)
+    device = local_device(device)
+    store, transcoder, unembed, gain = load_inputs(params)
+    states, scan = collect_examples(store, transcoder, cfg, device=device, progress=progress, world=ranks)
+    if not ranks.main:  # rank 0 merged this rank's share and writes the tables
+        return {}
     lens = logit_lens(transcoder, unembed, gain, cfg.logit_k)
     metadata = {
         "model": store.schema.model,

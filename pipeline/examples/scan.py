@@ -2,6 +2,11 @@
 stored tokens are read (`plan_scan`), which features are encoded together (`plan_chunks`),
 their pre-activations (`pre_activations`), and the one pass over the store that feeds them
 to the per-feature statistics (`collect_examples`).
+
+Under `torchrun` each rank scans a contiguous range of the batches (`World.block`) and
+rank 0 merges the states (`FeatureState.merge`). Each batch draws its random keys from its
+own seed (`batch_seed`), so a batch gives the same candidates on whichever rank reads it,
+and the merged state, so the tables, are the bytes of one process.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from tqdm import tqdm
 
 from pipeline.clt import CrossLayerTranscoder
 from pipeline.config import ExamplesConfig
+from pipeline.distributed import World, gather_objects, wait_for_ranks
 from pipeline.examples.stats import FeatureState
 from pipeline.prefetch import prefetch
 from pipeline.runtime import torch_dtype
@@ -29,14 +35,23 @@ CHUNK_FEATURES = 8192
 pre-activations take CHUNK_FEATURES x batch tokens x 2 bytes (134 MB at 8192 tokens)."""
 
 
-def iter_batches(store: ActivationStore, n_rows: int, batch_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, stored `resid_mid` rows) of [0, n_rows) in batches of `batch_rows`, read
-    ahead by one batch in a background thread (`prefetch`; file reads release the GIL)."""
+def iter_batches(
+    store: ActivationStore, n_rows: int, batch_rows: int, batches: range | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, stored `resid_mid` rows) of [0, n_rows) in batches of `batch_rows` (only
+    the batches `batches`, if given), read ahead by one batch in a background thread
+    (`prefetch`; file reads release the GIL)."""
+    starts = range(0, n_rows, batch_rows)
     reads = (
         (start, store.read_rows("resid_mid", start, min(start + batch_rows, n_rows)))
-        for start in range(0, n_rows, batch_rows)
+        for start in (starts if batches is None else starts[batches.start : batches.stop])
     )
     return prefetch(reads, depth=1)
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of batch `batch`'s random keys, for `examples.seed` `seed`."""
+    return seed * 2**32 + batch
 
 
 @dataclass(frozen=True)
@@ -177,23 +192,43 @@ def collect_examples(
     *,
     device: torch.device | str = "cpu",
     progress: bool = True,
-) -> tuple[list[tuple[Chunk, FeatureState]], Scan]:
-    """Stream the store once; the finished `FeatureState` of every chunk of features."""
+    world: World = World(),
+) -> tuple[list[tuple[Chunk, FeatureState]] | None, Scan]:
+    """Stream the store once; the finished `FeatureState` of every chunk of features (with
+    several ranks: this rank's share of the batches, merged on rank 0; None on the others)."""
     scan = plan_scan(store, transcoder, cfg)
     chunks = plan_chunks(transcoder.shape.n_layers, transcoder.shape.d_transcoder)
     dtype = torch_dtype(cfg.compute_dtype)
     weights = [chunk_weights(transcoder, c, dtype=dtype, device=device) for c in chunks]
     states = [FeatureState(c.n_features, cfg, dtype, device) for c in chunks]
     buffer = torch.empty(max(c.n_features for c in chunks) * scan.batch_rows, dtype=dtype, device=device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=device)
     C = scan.context_len
-    bar = tqdm(total=scan.n_tokens, desc="examples", unit="tok", unit_scale=True, disable=not progress)
-    with contextlib.closing(iter_batches(store, scan.n_tokens, scan.batch_rows)) as batches:
+    mine = world.block(-(-scan.n_tokens // scan.batch_rows))
+    bar = tqdm(
+        total=min(mine.stop * scan.batch_rows, scan.n_tokens) - mine.start * scan.batch_rows,
+        desc="examples",
+        unit="tok",
+        unit_scale=True,
+        disable=not (progress and world.main),  # rank 0's share stands for all
+    )
+    with contextlib.closing(iter_batches(store, scan.n_tokens, scan.batch_rows, mine)) as batches:
         for start, values in batches:
+            batch = start // scan.batch_rows
+            generator.manual_seed(batch_seed(cfg.seed, batch))
             x = store.to_torch(values).to(device)  # (rows, n_layers, d_model)
             for chunk, w, state in zip(chunks, weights, states):
                 h = pre_activations(x, w, buffer[: chunk.n_features * len(x)].view(chunk.n_features, len(x)))
-                state.update(h.view(chunk.n_features, len(x) // C, C), w.threshold, start, generator)
+                state.update(h.view(chunk.n_features, len(x) // C, C), w.threshold, start, generator, batch)
             bar.update(len(x))
     bar.close()
+    if world.distributed:
+        wait_for_ranks("examples: every batch scanned")
+        parts = gather_objects([state.to("cpu") for state in states])
+        if parts is None:
+            return None, scan
+        states = [state.to(device) for state in parts[0]]
+        for part in parts[1:]:
+            for state, other in zip(states, part):
+                state.merge(other.to(device))
     return list(zip(chunks, states)), scan

@@ -2,6 +2,11 @@
 and minimum, a fine histogram on a power-of-two grid, and the three example sketches; and,
 once the scan is done, the histogram, percentiles and interval samples interpolated from
 that grid. Steps 3 to 5 of `pipeline.examples`.
+
+The states of disjoint parts of the store merge exactly (`FeatureState.merge`): counts,
+minima and histograms (brought to the larger grid) add up or reduce, the sketches are
+ordered by (key, store row), and the sum is a pairwise sum over the scan's batches
+(`PairwiseSum`), so a scan split over processes gives the bytes of one scan.
 """
 
 from __future__ import annotations
@@ -32,6 +37,50 @@ def n_bands(n_intervals: int) -> int:
     return 1 << math.ceil(math.log2(2 * n_intervals))
 
 
+class PairwiseSum:
+    """The sum of one value per batch (batches 0, 1, ... of a scan, each added once, in
+    increasing order) as the pairwise sum over the aligned binary tree of batch indices,
+    its root blocks added left to right: the same floating-point result however the
+    batches are split into contiguous ranges whose sums are merged (`merge`). Keeps
+    O(log n_batches) partial sums: complete aligned blocks (first batch, size, sum)."""
+
+    def __init__(self):
+        self.blocks: list[tuple[int, int, torch.Tensor]] = []
+
+    def add(self, batch: int, value: torch.Tensor) -> None:
+        self._push((batch, 1, value))
+
+    def _push(self, block: tuple[int, int, torch.Tensor]) -> None:
+        start, size, value = block
+        while self.blocks:
+            s, n, v = self.blocks[-1]
+            if not (n == size and s + n == start and s % (2 * n) == 0):
+                break
+            self.blocks.pop()
+            start, size, value = s, 2 * n, v + value
+        self.blocks.append((start, size, value))
+
+    @property
+    def next_batch(self) -> int:
+        return self.blocks[-1][0] + self.blocks[-1][1] if self.blocks else 0
+
+    def merge(self, other: PairwiseSum) -> None:
+        """Add the batches of `other`, a disjoint set of batches."""
+        blocks, self.blocks = sorted(self.blocks + other.blocks, key=lambda b: b[0]), []
+        for block in blocks:
+            self._push(block)
+
+    def total(self, like: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(like)
+        for _, _, value in self.blocks:
+            out = out + value
+        return out
+
+    def to(self, device) -> PairwiseSum:
+        self.blocks = [(s, n, v.to(device)) for s, n, v in self.blocks]
+        return self
+
+
 def _coarsen_histogram(hist: torch.Tensor, factor: int) -> torch.Tensor:
     """Sum runs of `factor` adjacent bins into the first len/factor bins: hist (n, bins)."""
     n, bins = hist.shape
@@ -51,7 +100,7 @@ class FeatureState:
         self.n_bands = n_bands(cfg.n_intervals)
         self.offsets = torch.arange(-cfg.context_before, cfg.context_after + 1, device=device)
         width = len(self.offsets)
-        self.total = torch.zeros(F, dtype=torch.float64, device=device)
+        self.sum = PairwiseSum()  # of the firing activations, float64 (F,) per batch
         self.min = torch.full((F,), math.inf, device=device)
         self.exponent = torch.full((F,), _UNSET, dtype=torch.int32, device=device)  # grid [0, 2^e)
         self.hist = torch.zeros(F, FINE_BINS, dtype=torch.int32, device=device)
@@ -64,43 +113,74 @@ class FeatureState:
         """Firing tokens per feature so far (the histogram's total)."""
         return self.hist.sum(1, dtype=torch.int64)
 
-    def update(self, h: torch.Tensor, threshold: torch.Tensor, first_row: int, generator) -> None:
+    @property
+    def total(self) -> torch.Tensor:
+        """Sum of the firing activations per feature so far, float64."""
+        return self.sum.total(self.min.double())
+
+    def update(
+        self, h: torch.Tensor, threshold: torch.Tensor, first_row: int, generator, batch: int | None = None
+    ) -> None:
         """Add one batch: h (n_features, n_seq, context_len) pre-activations of whole sequences
         whose first token is store row `first_row` (h[:, :, 0], BOS, is overwritten), and the
-        thresholds in h's dtype. Feature-major, so that a sequence of one feature (a window,
-        a maximum) is contiguous."""
+        thresholds in h's dtype; `batch` is its index in the scan (default: the next).
+        Feature-major, so that a sequence of one feature (a window, a maximum) is contiguous."""
         h[:, :, 0] = -math.inf  # BOS never fires and is never a context's max token
         seq_max = h.amax(dim=2)  # (n_features, n_seq): each sequence's max
         self._grow(seq_max.amax(dim=1).float(), threshold)
-        self.update_tokens(h, threshold)
+        self.update_tokens(h, threshold, batch)
         self.update_contexts(h, seq_max, threshold, first_row, generator)
 
     def _grow(self, batch_max: torch.Tensor, threshold: torch.Tensor) -> None:
         """Raise each feature's grid exponent so that the batch's activations lie below 2^e."""
-        fires = batch_max > threshold
         needed = torch.frexp(batch_max).exponent.to(torch.int32)  # batch_max < 2^needed
-        unset = self.exponent == _UNSET
-        grow = fires & ~unset & (needed > self.exponent)
+        self._rescale(torch.where(batch_max > threshold, torch.maximum(needed, self.exponent), self.exponent))
+
+    def _rescale(self, exponent: torch.Tensor) -> None:
+        """Move every feature to the grid [0, 2^exponent) (exponents only grow): its
+        histogram and bands sum runs of adjacent bins; a feature that has not fired takes it."""
+        grow = (self.exponent != _UNSET) & (exponent > self.exponent)
         if grow.any():
             features = grow.nonzero().squeeze(1)
-            shift = (needed - self.exponent)[features]
+            shift = (exponent - self.exponent)[features]
             for s in shift.unique().tolist():
                 f = features[shift == s]
                 self.hist[f] = _coarsen_histogram(self.hist[f], 1 << min(s, 30))
                 self.bands.coarsen(f, 1 << min(s, 30))
-        self.exponent = torch.where(fires & (unset | grow), needed, self.exponent)
+        self.exponent = torch.maximum(exponent, self.exponent)
+
+    def merge(self, other: FeatureState) -> None:
+        """Add `other`, the state of the same features on other batches of the scan."""
+        exponent = torch.maximum(self.exponent, other.exponent)
+        self._rescale(exponent)
+        other._rescale(exponent)
+        self.hist += other.hist
+        self.min = torch.minimum(self.min, other.min)
+        self.sum.merge(other.sum)
+        for mine, theirs in ((self.top, other.top), (self.bands, other.bands), (self.random, other.random)):
+            mine.merge(theirs)
+
+    def to(self, device) -> FeatureState:
+        """This state with its tensors on `device` (in place)."""
+        for name in ("offsets", "min", "exponent", "hist"):
+            setattr(self, name, getattr(self, name).to(device))
+        for part in (self.sum, self.top, self.bands, self.random):
+            part.to(device)
+        return self
 
     def _scale(self, n_bins: int) -> torch.Tensor:
         """n_bins / 2^e per feature: activation * scale is its bin on the grid."""
         return torch.exp2((math.log2(n_bins) - self.exponent).float())
 
-    def update_tokens(self, h: torch.Tensor, threshold: torch.Tensor) -> None:
-        """Sum, minimum and fine histogram (so the count) of the firing activations."""
+    def update_tokens(self, h: torch.Tensor, threshold: torch.Tensor, batch: int | None = None) -> None:
+        """Sum, minimum and fine histogram (so the count) of the firing activations of
+        batch `batch` (default: the next)."""
         F, per_feature = h.shape[0], h[0].numel()
         flat = (h > threshold[:, None, None]).view(-1).nonzero().squeeze(1)
         f = flat.div(per_feature, rounding_mode="floor")
         v = h.view(-1)[flat].float()
-        self.total += torch.zeros(F, device=v.device).index_add_(0, f, v).double()
+        batch = self.sum.next_batch if batch is None else batch
+        self.sum.add(batch, torch.zeros(F, device=v.device).index_add_(0, f, v).double())
         self.min.scatter_reduce_(0, f, v, "amin")
         bins = (v * self._scale(FINE_BINS)[f]).long()
         self.hist.view(-1).index_add_(0, f * FINE_BINS + bins, torch.ones_like(bins, dtype=torch.int32))
@@ -132,7 +212,7 @@ class FeatureState:
             n = int(ok.sum(1).max())
             pick = torch.where(ok, keys, math.inf).topk(n, dim=1, largest=False).indices  # sequences
             keys = torch.where(ok.gather(1, pick), keys.gather(1, pick), math.inf)
-            i, j, slots = sketch.admit(f, groups.gather(1, pick), keys)
+            i, j, slots = sketch.admit(f, groups.gather(1, pick), keys, ties=first[pick])
             seq, ff = pick[i, j], f[i]
             position, windows = self._windows(h, ff, seq, threshold)
             sketch.write(ff, slots, keys[i, j], first[seq] + position, v[ff, seq], windows)
@@ -176,7 +256,7 @@ class FeatureState:
         examples.append(intervals)
         examples.append(self._sketch_rows(self.random, cfg.n_intervals + 1))
         columns = {k: np.concatenate([e[k] for e in examples]) for k in examples[0]}
-        order = np.lexsort((-columns["activation"], columns["group"], columns["index"]))
+        order = np.lexsort((columns["row"], -columns["activation"], columns["group"], columns["index"]))
         columns = {k: v[order] for k, v in columns.items()}
         group_key = torch.from_numpy(columns["index"].astype(np.int64) * 1024 + columns["group"])
         columns["rank"] = _rank_within(group_key).numpy().astype(np.int16)
@@ -228,7 +308,8 @@ class FeatureState:
         entry_run = run[:, :, None].expand(F, B, m).reshape(F, B * m)
         composite = entry_run.double() + keys.reshape(F, B * m).double()  # key in [0, 1)
         composite[~torch.isfinite(keys.reshape(F, B * m))] = math.inf
-        order = composite.argsort(dim=1, stable=True)
+        by_row = self.bands.rows.cpu().argsort(dim=1, stable=True)  # equal keys: the earlier row
+        order = by_row.gather(1, composite.gather(1, by_row).argsort(dim=1, stable=True))
         sorted_run = entry_run.gather(1, order)
         finite = torch.isfinite(composite.gather(1, order))
         position = torch.arange(B * m).expand(F, -1)

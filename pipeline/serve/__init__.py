@@ -24,6 +24,8 @@ output, so annotations survive `dvc repro`. They name graph nodes by `node_id`
 current graph lacks is stale: it is logged, listed in the served graph's `annotations.stale`
 (and counted in the `X-Clt-Stale-Annotations` header, which the page shows), left out of
 the page's `qParams`, and kept in the file when the page saves (`merge_annotations`).
+The user's Accept / Reject of each suggested supernode (`metadata.supernode_suggestions`,
+`pipeline/supernodes.py`) is saved there too, as `qParams.suggestions` (`{id: state}`).
 
 Modules, one per concern:
 

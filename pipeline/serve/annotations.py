@@ -39,7 +39,8 @@ def _json_list(key: str, value) -> list:
 def normalize_qparams(q: dict) -> dict:
     """The page's `qParams` (URL-style strings) as the annotation file keeps them: `pinnedIds`
     a list of node ids, `supernodes` a list of `[label, node_id, ...]`, `clerps` a list of
-    `[feature, label]`; other values as posted. A value of None (not set in the page) is
+    `[feature, label]`, `suggestions` a `{id: "accepted" | "rejected"}` dict; other values as
+    posted. A value of None (not set in the page) is
     dropped. Raises ValueError for a malformed value."""
     out: dict[str, Any] = {}
     for key, value in q.items():
@@ -60,9 +61,29 @@ def normalize_qparams(q: dict) -> dict:
             ):
                 raise ValueError("`qParams.clerps` must be a list of [feature, label] pairs")
             out[key] = [[str(f), label] for f, label in clerps]
+        elif key == "suggestions":
+            out[key] = _suggestions(value)
         else:
             out[key] = value
     return out
+
+
+SUGGESTION_STATES = ("accepted", "rejected")
+
+
+def _suggestions(value) -> dict[str, str]:
+    """`suggestions`, the user's decision on each suggested supernode (`pipeline/supernodes.py`):
+    `{id: "accepted" | "rejected"}`, posted as such or as a JSON string."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"`qParams.suggestions` is not valid JSON: {e}") from None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and v in SUGGESTION_STATES for k, v in value.items()
+    ):
+        raise ValueError('`qParams.suggestions` must map suggestion ids to "accepted" or "rejected"')
+    return dict(sorted(value.items()))
 
 
 def _graph_ids(graph: dict) -> tuple[set[str], set[str]]:
@@ -105,7 +126,8 @@ def merge_annotations(old: dict, posted: dict, graph: dict) -> tuple[dict, list[
     normalized), and the stale entries of `old` that could not be kept.
 
     A key the page did not set keeps its old value. `clerps` are merged by feature (the page
-    posts only the labels it holds), the posted label winning. The page never sees stale
+    posts only the labels it holds), the posted label winning; `suggestions` by id, so the
+    decisions on suggestions a re-run no longer makes are kept. The page never sees stale
     entries (`split_stale`), so they are carried over from `old`: stale `pinnedIds` and
     `hiddenIds`, the `clerps` of absent features, and supernodes none of whose nodes are in
     the graph. Only a stale member of a supernode that still has live ones cannot be kept."""
@@ -113,6 +135,8 @@ def merge_annotations(old: dict, posted: dict, graph: dict) -> tuple[dict, list[
     if "clerps" in posted:
         relabelled = {f for f, _ in posted["clerps"]}
         merged["clerps"] = [*(c for c in old.get("clerps", []) if c[0] not in relabelled), *posted["clerps"]]
+    if "suggestions" in posted:
+        merged["suggestions"] = dict(sorted({**old.get("suggestions", {}), **posted["suggestions"]}.items()))
     _, old_stale = split_stale(old, graph)
     node_ids, _ = _graph_ids(graph)
     lost = []
