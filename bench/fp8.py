@@ -8,8 +8,9 @@ quantised `mlp_out` against the float32 one (what a perfect transcoder trained o
 quantised targets would still miss, in the units of `metrics/train.json`).
 
 Schemes: `bfloat16` (today's store); `float8_e4m3` (a plain cast, clamped to +-448);
-`float8_e4m3+scale` (each (token, layer) row divided by max|row| / 448 before the cast,
-the scale kept in float32 beside it: 4 bytes per 576 values).
+`float8_e4m3+scale` (the store's `dump.dtype: float8_e4m3`: each (token, layer) row divided
+by max|row| / 448 before the cast, the scale kept in float32 beside it: 4 bytes per 576
+values; read back as bfloat16).
 
     python -m bench.fp8 --n-tokens 2048
 """
@@ -24,8 +25,7 @@ from pipeline.config import load_params
 from pipeline.corpus import iter_documents, pack_documents
 from pipeline.dump import _Target, capture_activations
 from pipeline.model import bos_token_id, get_trunk, load_model
-
-E4M3_MAX = 448.0
+from pipeline.store import E4M3_MAX, FP8, decode, encode
 
 
 def quantise(x: torch.Tensor, scheme: str) -> torch.Tensor:
@@ -34,8 +34,7 @@ def quantise(x: torch.Tensor, scheme: str) -> torch.Tensor:
         return x.bfloat16().float()
     if scheme == "float8_e4m3":
         return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / E4M3_MAX
-    return (x / scale).to(torch.float8_e4m3fn).float() * scale
+    return decode(encode(x, FP8), FP8).float()  # the store's own codec
 
 
 def activations(params, n_tokens: int) -> dict[str, torch.Tensor]:

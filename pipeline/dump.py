@@ -46,19 +46,22 @@ from pipeline.store import (
     ACTIVATIONS,
     StoreSchema,
     StoreWriter,
+    encode,
     hash_arrays,
     storage_dtype,
-    to_torch,
+    storage_view,
 )
 
 logger = logging.getLogger(__name__)
 
 
 class _Target:
-    """The host rows the hooks write the current batch into."""
+    """The host rows the hooks write the current batch into, in the storage layout of the
+    store's logical `dtype` (`pipeline.store.encode`)."""
 
-    def __init__(self):
-        self.buffers: dict[str, torch.Tensor] | None = None  # name -> (rows, n_layers, d_model)
+    def __init__(self, dtype: str = "float32"):
+        self.dtype = dtype
+        self.buffers: dict[str, torch.Tensor] | None = None  # name -> (rows, *row_shape)
 
 
 @contextlib.contextmanager
@@ -68,8 +71,8 @@ def capture_activations(model: nn.Module, target: _Target) -> Iterator[None]:
     handles = []
 
     def store(name: str, layer: int, hidden: torch.Tensor) -> None:
-        dst = target.buffers[name][:, layer]  # (rows, d_model)
-        dst.copy_(hidden.reshape(dst.shape))
+        dst = target.buffers[name][:, layer]  # (rows, d_model or d_model + 4 for float8)
+        dst.copy_(encode(hidden, target.dtype).reshape(dst.shape))
 
     for layer, block in enumerate(get_layers(model)):
 
@@ -130,12 +133,12 @@ def dump_activations(
     writer = StoreWriter(out_path, schema, corpus.token_ids, corpus.doc_ids, positions, world=world)
     device = next(model.parameters()).device
     trunk = get_trunk(model)
-    shape = (schema.shard_tokens, schema.n_layers, schema.d_model)
+    shape = (schema.shard_tokens, *schema.row_shape)
     # Two buffer pairs: the hooks fill one while the writer thread writes the other.
     host = [{n: aligned_empty(shape, storage_dtype(schema.dtype)) for n in ACTIVATIONS} for _ in range(2)]
-    views = [{n: to_torch(b[n], schema.dtype) for n in ACTIVATIONS} for b in host]
+    views = [{n: storage_view(b[n], schema.dtype) for n in ACTIVATIONS} for b in host]
     pending: list[Future | None] = [None, None]
-    target = _Target()
+    target = _Target(schema.dtype)
     bar = tqdm(
         total=sum(stop - start for start, stop in map(schema.shard_rows, writer.shards_todo)),
         unit="tok",

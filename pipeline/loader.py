@@ -168,7 +168,7 @@ class ActivationLoader:
         """Batches (as stored arrays) from batch `start_batch` of `epoch` on, forever."""
         schema = self.store.schema
         bs = self.batch_size
-        shape = (self.buffer_shards * schema.shard_tokens, schema.n_layers, schema.d_model)
+        shape = (self.buffer_shards * schema.shard_tokens, *schema.row_shape)
         buffers = {n: np.empty(shape, storage_dtype(schema.dtype)) for n in ACTIVATIONS}
         for e in itertools.count(epoch):
             skip = (start_batch if e == epoch else 0) * bs  # rows of this epoch to skip
@@ -205,9 +205,11 @@ class ActivationLoader:
         """Endless batches from global step `start` on (batch b of epoch e is step
         e * batches_per_epoch + b), gathered ahead in a background thread (`prefetch`)."""
         epoch, first = divmod(start, self.batches_per_epoch)
-        with contextlib.closing(prefetch(self._produce(epoch, first), self.prefetch_batches)) as items:
-            for item in items:
-                yield Batch(*(self.store.to_torch(item[n]) for n in ACTIVATIONS))
+        # Decoded in the thread too (float8 stores decode to bfloat16; the others are views).
+        items = self._produce(epoch, first)
+        decoded = (Batch(*(self.store.to_torch(item[n]) for n in ACTIVATIONS)) for item in items)
+        with contextlib.closing(prefetch(decoded, self.prefetch_batches)) as items:
+            yield from items
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """The batches of `epoch` from `start_batch` on."""

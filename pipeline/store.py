@@ -11,7 +11,10 @@ Layout (`n_tokens` rows, one per token, in corpus order):
 The two activation arrays are sharded along tokens (`shard_tokens` rows per file) with
 inner chunks of `chunk_tokens` rows, and no compressor (zstd was measured to halve read
 speed for ~7% space). bfloat16 is stored as uint16 with `logical_dtype: bfloat16` in the
-array's attributes, since Zarr has no bfloat16.
+array's attributes, since Zarr has no bfloat16. `float8_e4m3` halves that: each (token,
+layer) row is stored as uint8, its `d_model` values divided by max|row| / 448 and cast to
+float8 e4m3fn, followed by that scale as 4 little-endian float32 bytes (`encode`,
+`decode`), so a stored row is `d_model + 4` bytes and every reader gets bfloat16 back.
 
 Writing is crash-safe: a `StoreWriter` works in a staging folder (`<path>.partial`),
 writes whole shards only, marks each finished shard with an empty file
@@ -56,7 +59,12 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 ACTIVATIONS = ("resid_mid", "mlp_out")
 HOOKS = {"resid_mid": "hook_resid_mid", "mlp_out": "hook_mlp_out"}
-_STORAGE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
+_STORAGE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32", "float8_e4m3": "uint8"}
+FP8 = "float8_e4m3"
+E4M3_MAX = 448.0
+"""The largest finite float8 e4m3fn value: each row is scaled so its max |value| maps here."""
+SCALE_BYTES = 4
+"""A float8 row's float32 scale, stored after its values."""
 # Write chunks even when they equal the fill value, so "every chunk exists" is the test
 # of a complete store (zarr skips such chunks by default).
 _ALWAYS_WRITE = {"write_empty_chunks": True}
@@ -82,6 +90,12 @@ class StoreSchema:
     def n_shards(self) -> int:
         return -(-self.n_tokens // self.shard_tokens)
 
+    @property
+    def row_shape(self) -> tuple[int, int]:
+        """The stored shape of one token's activations: (n_layers, d_model), plus the
+        scale's bytes per layer for float8."""
+        return self.n_layers, self.d_model + (SCALE_BYTES if self.dtype == FP8 else 0)
+
     def shard_rows(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_tokens
         return start, min(start + self.shard_tokens, self.n_tokens)
@@ -98,31 +112,76 @@ def storage_dtype(logical: str) -> np.dtype:
     return np.dtype(_STORAGE[logical])
 
 
-def to_torch(array: np.ndarray, logical: str) -> torch.Tensor:
-    """View stored values as a torch tensor of their logical dtype (no copy)."""
+def storage_view(array: np.ndarray, logical: str) -> torch.Tensor:
+    """Stored values as a torch tensor of the storage layout (no copy): bfloat16 for
+    bfloat16, the raw uint8 rows for float8 (what `encode` writes into)."""
     t = torch.from_numpy(array)
     return t.view(torch.bfloat16) if logical == "bfloat16" else t
+
+
+def encode(x: torch.Tensor, logical: str) -> torch.Tensor:
+    """Activations `x` (..., d_model) in the storage layout of `logical`: for float8 the
+    scaled e4m3 values and the float32 scale of each row, as uint8 (..., d_model + 4); for
+    the others `x` itself (copying it into a `storage_view` casts it)."""
+    if logical != FP8:
+        return x
+    x = x.float()
+    # Rows of zeros get a tiny scale instead of 0, so x / scale stays 0 rather than NaN.
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / E4M3_MAX
+    values = (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    return torch.cat([values, scale.view(torch.uint8)], dim=-1)
+
+
+def decode(stored: torch.Tensor, logical: str) -> torch.Tensor:
+    """The inverse of `encode`: activations in bfloat16 for float8, else stored values as
+    they are."""
+    if logical != FP8:
+        return stored
+    values, scale = stored[..., :-SCALE_BYTES], stored[..., -SCALE_BYTES:]
+    scale = scale.contiguous().view(torch.float32)
+    return (values.view(torch.float8_e4m3fn).float() * scale).bfloat16()
+
+
+def to_torch(array: np.ndarray, logical: str) -> torch.Tensor:
+    """Stored values as a torch tensor of their logical dtype: a view, except for float8
+    (decoded to bfloat16)."""
+    return decode(storage_view(array, logical), logical)
 
 
 _EXPONENT = {
     "bfloat16": (np.uint16, 0x7F80),
     "float16": (np.uint16, 0x7C00),
     "float32": (np.uint32, 0x7F800000),
+    FP8: (np.uint32, 0x7F800000),  # of the float32 scale: NaN/inf in a row makes it NaN/inf
 }
 
 
-def nonfinite_layers(values: np.ndarray, logical: str, block: int = 256) -> np.ndarray:
-    """Per layer, whether any stored value of `values` (rows, n_layers, d_model) is NaN/inf.
-
-    Works on the raw bits (all exponent bits set), block by block: bf16 elementwise ops
-    are slow on CPU, and a whole-shard temporary would cost more than the check.
-    """
+def nonfinite_rows(values: np.ndarray, logical: str) -> np.ndarray:
+    """Per (row, layer) of `values` (rows, n_layers, ...) as stored, whether it holds a
+    NaN/inf. Works on the raw bits (all exponent bits set): bf16 elementwise ops are slow
+    on CPU. For float8 the scale says it (`encode` makes it NaN/inf then)."""
     int_type, mask = _EXPONENT[logical]
-    bits = values.view(int_type)
+    if logical == FP8:
+        values = np.ascontiguousarray(values[..., -SCALE_BYTES:])
+    return ((values.view(int_type) & mask) == mask).any(axis=2)
+
+
+def nonfinite_layers(values: np.ndarray, logical: str, block: int = 256) -> np.ndarray:
+    """Per layer, whether any stored value of `values` (rows, n_layers, ...) is NaN/inf,
+    block by block: a whole-shard temporary would cost more than the check."""
     bad = np.zeros(values.shape[1], dtype=bool)
-    for b in range(0, len(bits), block):
-        bad |= ((bits[b : b + block] & mask) == mask).any(axis=(0, 2))
+    for b in range(0, len(values), block):
+        bad |= nonfinite_rows(values[b : b + block], logical).any(axis=0)
     return bad
+
+
+def _encoding(logical: str) -> dict[str, str]:
+    if logical != FP8:
+        return {}
+    return {
+        "encoding": "per (token, layer): d_model float8_e4m3fn values v, then a little-endian "
+        "float32 scale s; activation = v * s, with s = max|activation| / 448"
+    }
 
 
 class StoreWriter:
@@ -183,14 +242,14 @@ class StoreWriter:
         for name in ACTIVATIONS:
             self.group.create_array(
                 name,
-                shape=(s.n_tokens, s.n_layers, s.d_model),
-                chunks=(s.chunk_tokens, s.n_layers, s.d_model),
-                shards=(s.shard_tokens, s.n_layers, s.d_model),
+                shape=(s.n_tokens, *s.row_shape),
+                chunks=(s.chunk_tokens, *s.row_shape),
+                shards=(s.shard_tokens, *s.row_shape),
                 dtype=storage_dtype(s.dtype),
                 compressors=None,
                 fill_value=0,
                 config=_ALWAYS_WRITE,
-                attributes={"logical_dtype": s.dtype, "hook": HOOKS[name]},
+                attributes={"logical_dtype": s.dtype, "hook": HOOKS[name], **_encoding(s.dtype)},
             )
         for name, values in (
             ("token_ids", token_ids),
@@ -255,8 +314,7 @@ class StoreWriter:
         if not layers:
             return
         layer, _, name = min(layers)
-        int_type, mask = _EXPONENT[self.schema.dtype]
-        row = int(np.argmax(((activations[name][:, layer].view(int_type) & mask) == mask).any(axis=1)))
+        row = int(np.argmax(nonfinite_rows(activations[name][:, layer : layer + 1], self.schema.dtype)))
         raise ValueError(
             f"{name} of layer {layer} has NaN/inf values at stored token {first_row + row}; "
             "if this is float16 overflow set `dump.dtype: bfloat16`, otherwise try "
@@ -376,7 +434,7 @@ class ActivationStore:
             and self._fast.setdefault(name, fast_path_ok(self.group[name]))
         ):
             path = self.path / name / "c" / str(start // s.shard_tokens) / "0" / "0"
-            shape = (s.shard_tokens, s.n_layers, s.d_model)
+            shape = (s.shard_tokens, *s.row_shape)
             values = read_shard_file(path, shape, storage_dtype(s.dtype), s.chunk_tokens)
         if values is None:  # not the raw layout, or a damaged file: Zarr reads (or reports) it
             with self._reading(name):

@@ -9,8 +9,9 @@ import zarr
 
 from pipeline.config import parse_params
 from pipeline.dump import run
+from pipeline.loader import ActivationLoader
 from pipeline.model import get_trunk, load_model
-from pipeline.store import ACTIVATIONS, ActivationStore, StoreWriter
+from pipeline.store import ACTIVATIONS, FP8, SCALE_BYTES, ActivationStore, StoreWriter, decode, encode
 from tests.tiny import ARCHS, TEXT
 
 
@@ -128,6 +129,57 @@ def test_readers_refuse_incomplete_or_corrupted_stores(tiny_model_dir, tmp_path)
         ActivationStore(tmp_path / "nothing.zarr")
 
 
+def test_float8_codec_rounds_to_the_nearest_e4m3_value():
+    """`encode` against a naive reference: the nearest of all finite e4m3 values to each
+    value over its row's scale, and the scale as float32 bytes after the values."""
+    x = torch.randn(64, 3, 40) * torch.tensor([1e-3, 1.0, 300.0]).view(1, 3, 1)
+    x[0, 0] = 0  # a row of zeros stays zeros
+    stored = encode(x, FP8)
+    assert stored.dtype == torch.uint8 and stored.shape == (64, 3, 40 + SCALE_BYTES)
+    table = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    table = table[table.isfinite()].double()
+    amax = x.abs().amax(-1, keepdim=True).double().clamp_min(1e-30)
+    scaled = x.double() / (amax.float().double() / 448)  # float32 scale, as stored
+    nearest = table[(scaled.unsqueeze(-1) - table).abs().argmin(-1)]
+    got = stored[..., :40].view(torch.float8_e4m3fn).double()
+    assert (got == nearest).double().mean() > 0.999  # ties may round either way
+    scale = stored[..., 40:].contiguous().view(torch.float32)
+    torch.testing.assert_close(scale, (amax / 448).float())
+    decoded = decode(stored, FP8)
+    assert decoded.dtype == torch.bfloat16
+    assert ((decoded.float() - x).abs() <= amax.float() * (2**-4 + 2**-8)).all()
+    assert (decoded[0, 0] == 0).all()
+
+
+def test_float8_store_halves_the_bytes_and_reads_back_close(tiny_model_dir, tmp_path):
+    """A float8 store of the same tokens: half the bytes of bfloat16 (plus 4 per row), and
+    every reader (read, read_rows, the training loader) gets bfloat16 within the e4m3
+    rounding of each row's scale of the float32 store's values."""
+    model_dir = tiny_model_dir("llama")
+    stores = {}
+    for dtype in ("float32", "bfloat16", FP8):
+        (tmp_path / dtype).mkdir()
+        params = _params(tmp_path / dtype, model_dir, dtype=dtype)
+        run(params, progress=False)
+        stores[dtype] = ActivationStore(params.paths.activations)
+    ref, fp8 = stores["float32"], stores[FP8]
+    assert fp8.group.attrs["dtype"] == FP8 and "encoding" in fp8.array("mlp_out").attrs
+    d = ref.schema.d_model
+    size = {k: os.path.getsize(Path(v.path) / "mlp_out" / "c" / "0" / "0" / "0") for k, v in stores.items()}
+    assert size[FP8] < size["bfloat16"] * (d + SCALE_BYTES) / (2 * d) + 1024
+    for name in ACTIVATIONS:
+        x = ref.read(name, 0, ref.n_tokens)
+        whole, shard = fp8.read(name, 0, ref.n_tokens), fp8.to_torch(fp8.read_rows(name, 64, 128))
+        assert whole.dtype == shard.dtype == torch.bfloat16
+        assert ((whole.float() - x).abs() <= x.abs().amax(-1, keepdim=True) * (2**-4 + 2**-8)).all()
+        assert torch.equal(shard, whole[64:128])
+    loaders = [ActivationLoader(s, batch_size=32, val_fraction=0.0) for s in (ref, fp8)]
+    a, b = (next(iter(loader.batches())) for loader in loaders)
+    assert b.x.dtype == torch.bfloat16
+    bound = a.y.abs().amax(-1, keepdim=True) * (2**-4 + 2**-8) + 1e-6
+    assert ((b.y.float() - a.y).abs() <= bound).all()
+
+
 def test_misaligned_write_is_rejected(tiny_model_dir, tmp_path):
     params = _params(tmp_path, tiny_model_dir("llama"))
     run(params, progress=False)
@@ -138,14 +190,15 @@ def test_misaligned_write_is_rejected(tiny_model_dir, tmp_path):
         writer.write_shard(0, bad)
 
 
-def test_nan_activations_are_a_clear_error(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", FP8])
+def test_nan_activations_are_a_clear_error(tiny_model_dir, tmp_path, dtype):
     model_dir = tmp_path / "nan-model"
     shutil.copytree(tiny_model_dir("llama"), model_dir)
     model, _ = load_model(model_dir, dtype=torch.float32, device=torch.device("cpu"))
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
     model.save_pretrained(model_dir)
-    params = _params(tmp_path, model_dir)
+    params = _params(tmp_path, model_dir, dtype=dtype)
     with pytest.raises(ValueError, match="mlp_out of layer 1 has NaN/inf"):
         run(params, progress=False)
 
