@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.prefetch import prefetch
-from pipeline.store import ACTIVATIONS, ActivationStore, storage_dtype
+from pipeline.store import ACTIVATIONS, NORMS, ActivationStore, storage_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,10 @@ def split_mask(doc_ids: np.ndarray, positions: np.ndarray, split: str, val_fract
 
 def massive_rows(store: ActivationStore, keep: np.ndarray, max_norm_ratio: float) -> np.ndarray:
     """Rows (a boolean mask over the store) whose MLP output norm at some layer exceeds
-    `max_norm_ratio` times that layer's median norm over the `keep` rows ("massive
-    activations": in SmolLM2-135M ~0.03% of tokens, all at position 1 or 2 of a sequence,
-    with a layer-11 output norm up to ~500x the median). One pass over `mlp_out`."""
+    `max_norm_ratio` times that layer's median norm over the first shard's `keep` rows
+    ("massive activations": in SmolLM2-135M ~0.03% of tokens, all at position 1 or 2 of a
+    sequence, with a layer-11 output norm up to ~500x the median). Reads the store's
+    `mlp_out_norm` (one pass over `mlp_out` for a store without it)."""
     schema = store.schema
     out = np.zeros(schema.n_tokens, dtype=bool)
     if max_norm_ratio <= 0:
@@ -53,7 +54,10 @@ def massive_rows(store: ActivationStore, keep: np.ndarray, max_norm_ratio: float
         rows = np.flatnonzero(keep[start:stop])
         if not len(rows):
             continue
-        norms = store.to_torch(store.read_rows("mlp_out", start, stop, rows)).float().norm(dim=-1)
+        if store.has_norms:
+            norms = torch.from_numpy(store.array(NORMS)[start:stop][rows])
+        else:
+            norms = store.to_torch(store.read_rows("mlp_out", start, stop, rows)).float().norm(dim=-1)
         if median is None:  # from the first shard with kept rows: (n_layers,)
             median = norms.median(dim=0).values.clamp_min(1e-6)
         out[start + rows] = (norms > max_norm_ratio * median).any(dim=1).numpy()

@@ -7,6 +7,8 @@ Layout (`n_tokens` rows, one per token, in corpus order):
     token_ids  (n_tokens,) int32
     doc_ids    (n_tokens,) int32              document index in the corpus
     positions  (n_tokens,) int32              position in its sequence (0 = BOS)
+    mlp_out_norm (n_tokens, n_layers) float32 L2 norm of each stored `mlp_out` row, one
+                                              chunk per shard (stores from before it lack it)
 
 The two activation arrays are sharded along tokens (`shard_tokens` rows per file) with
 inner chunks of `chunk_tokens` rows, and no compressor (zstd was measured to halve read
@@ -58,6 +60,10 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 ACTIVATIONS = ("resid_mid", "mlp_out")
+NORMS = "mlp_out_norm"
+"""Per (token, layer) norms of the stored `mlp_out`, written by the dump so that finding
+massive-activation rows (`pipeline.loader.massive_rows`) reads 120 bytes per token, not the
+whole `mlp_out` array: training then reads each stored activation once."""
 HOOKS = {"resid_mid": "hook_resid_mid", "mlp_out": "hook_mlp_out"}
 _STORAGE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32", "float8_e4m3": "uint8"}
 FP8 = "float8_e4m3"
@@ -175,6 +181,15 @@ def nonfinite_layers(values: np.ndarray, logical: str, block: int = 256) -> np.n
     return bad
 
 
+def row_norms(values: np.ndarray, logical: str, block: int = 1024) -> np.ndarray:
+    """The L2 norm of every (row, layer) of stored `values` (rows, n_layers, ...) as float32
+    (rows, n_layers), computed from the values as readers get them, block by block."""
+    out = np.empty(values.shape[:2], np.float32)
+    for b in range(0, len(values), block):
+        out[b : b + block] = to_torch(values[b : b + block], logical).float().norm(dim=-1).numpy()
+    return out
+
+
 def _encoding(logical: str) -> dict[str, str]:
     if logical != FP8:
         return {}
@@ -268,6 +283,15 @@ class StoreWriter:
                 config=_ALWAYS_WRITE,
             )
             arr[:] = values
+        self.group.create_array(
+            NORMS,
+            shape=(s.n_tokens, s.n_layers),
+            chunks=(s.shard_tokens, s.n_layers),
+            dtype="float32",
+            compressors=None,
+            fill_value=0,
+            config=_ALWAYS_WRITE,
+        )
         self.group.attrs.update(
             {
                 "schema_version": SCHEMA_VERSION,
@@ -304,6 +328,7 @@ class StoreWriter:
                 write_shard_file(path, values, self.schema.chunk_tokens)
             else:
                 self.group[name][start:stop] = values
+        self.group[NORMS][start:stop] = row_norms(activations["mlp_out"], self.schema.dtype)
         (self._progress / str(shard)).touch()
         fault(f"dump-shard-{shard}")
 
@@ -363,7 +388,8 @@ class ActivationStore:
             raise ValueError(f"{self.path} is incomplete (the dump did not finish); re-run `dvc repro dump`")
         self.schema = StoreSchema(**attrs["schema"])
         self._fast: dict[str, bool] = {}
-        for name in (*ACTIVATIONS, "token_ids", "doc_ids", "positions"):
+        self.has_norms = NORMS in self.group
+        for name in (*ACTIVATIONS, "token_ids", "doc_ids", "positions", *[NORMS] * self.has_norms):
             if name not in self.group:
                 raise ValueError(f"{self.path} has no array {name!r}; re-run `dvc repro dump`")
             arr = self.group[name]

@@ -86,6 +86,14 @@ def git_commit(repo: Path, env: dict[str, str], message: str) -> None:
     run(["git", "commit", "-qm", message], repo, env)
 
 
+def set_param(repo: Path, section: str, key: str, value) -> None:
+    """Set `section.key` of `repo`'s params.yaml."""
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def make_tiny_repo(repo: Path, model_dir: Path, *, extra_params=None) -> tuple[Path, dict[str, str]]:
     """Copy the pipeline into a new git repository at `repo` with the tiny configuration.
 

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main as cli
 from pipeline.clt import export_transcoder
-from tests.dvc_repo import ROOT, tiny_params, write_tiny_corpus
+from tests.dvc_repo import ROOT, set_param, tiny_params, write_tiny_corpus
 from tests.tiny import make_transcoder
 
 
@@ -40,13 +40,6 @@ def workdir(tmp_path_factory, tiny_model_dir):
         os.chdir(cwd)
     export_transcoder(make_transcoder(), root / "data" / "transcoder", model_name="tiny")
     return root
-
-
-def change_params(root: Path, section: str, key: str, value) -> None:
-    path = root / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    params[section][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def empty_prompts(root):
@@ -75,8 +68,8 @@ def truncate_shard(root):
     shard.write_bytes(shard.read_bytes()[:-100])
 
 
-def set_param(section: str, key: str, value):
-    return lambda root: change_params(root, section, key, value)
+def with_param(section: str, key: str, value):
+    return lambda root: set_param(root, section, key, value)
 
 
 def no_examples(root):
@@ -85,16 +78,16 @@ def no_examples(root):
 
 CASES = {
     # name: (command line, how to break the working copy, exit code, the message says)
-    "lr out of range": (["train"], set_param("train", "lr", 5), 2, r"`train\.lr` must be"),
+    "lr out of range": (["train"], with_param("train", "lr", 5), 2, r"`train\.lr` must be"),
     "unknown key": (
         ["dump"],
-        set_param("dump", "n_tokenz", 8),
+        with_param("dump", "n_tokenz", 8),
         2,
         r"`dump\.n_tokenz` is not",
     ),
     "wrong type": (
         ["graphs"],
-        set_param("graphs", "png", "yes"),
+        with_param("graphs", "png", "yes"),
         2,
         r"`graphs\.png` must be",
     ),
@@ -114,7 +107,7 @@ CASES = {
     "missing feature": (["feature", "0", "3"], no_examples, 1, r"dvc repro examples|examples"),
     "model name mismatch": (
         ["dump"],
-        set_param("model", "name", "no-such/model"),
+        with_param("model", "name", "no-such/model"),
         1,
         r"no-such/model.*dvc repro model",
     ),
@@ -152,14 +145,14 @@ def test_stage_entry_point_prints_one_line(workdir, tmp_path):
     traceback with CLT_DEBUG=1."""
     root = tmp_path / "w"
     shutil.copytree(workdir, root, symlinks=True)
-    change_params(root, "train", "n_steps", 0)
+    set_param(root, "train", "n_steps", 0)
     result = run_module(["stages.train"], root)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == ["Error: `train.n_steps` must be >= 1, got 0"], result.stderr
     debug = run_module(["stages.train"], root, CLT_DEBUG="1")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
     empty_prompts(root)
-    change_params(root, "train", "n_steps", 6)
+    set_param(root, "train", "n_steps", 6)
     result = run_module(["stages.graphs"], root)
     assert result.returncode == 1
     assert [line for line in result.stderr.splitlines() if "Error" in line or "Traceback" in line] == [

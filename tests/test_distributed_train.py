@@ -24,8 +24,8 @@ import torch
 import yaml
 
 from pipeline.clt import load_transcoder
-from pipeline.train import Checkpoint, run
-from tests.test_train import _params, tiny_store  # noqa: F401 (a fixture)
+from pipeline.train import run
+from tests.test_train import _params, kill_after_second_checkpoint, tiny_store  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow  # each starts torchrun (20-50 s); .ci/run runs them
 
@@ -92,18 +92,7 @@ def test_checkpoint_of_two_processes_resumes_on_one(tiny_store, tmp_path):  # no
 def test_checkpoint_of_one_process_resumes_on_two(tiny_store, tmp_path, monkeypatch):  # noqa: F811
     reference = run(_params(tmp_path / "ref", tiny_store, **FLOAT32), progress=False)
     params = _params(tmp_path / "b", tiny_store, **FLOAT32)
-    original = Checkpoint.save
-    calls = {"n": 0}
-
-    def crash_after_second_checkpoint(self, **state):
-        original(self, **state)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(Checkpoint, "save", crash_after_second_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        run(params, progress=False)
+    kill_after_second_checkpoint(params, monkeypatch)
     result = torchrun(tmp_path / "b", _raw(tmp_path / "b", tiny_store))
     ok(result)
     assert "resuming training at step 8/12" in result.stderr

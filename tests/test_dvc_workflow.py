@@ -13,7 +13,6 @@ import typing
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.config import Params, parse_params
 from tests.dvc_repo import (
@@ -25,6 +24,7 @@ from tests.dvc_repo import (
     import_closure,
     run,
     run_failing,
+    set_param,
 )
 
 
@@ -95,13 +95,6 @@ def param_changes(pipeline: Pipeline, *, runnable: bool) -> list[list[tuple[str,
         if group:
             groups.append(group)
     return groups
-
-
-def set_param(repo: Path, section: str, key: str, value) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    params[section][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def test_stage_deps_list_every_imported_module():

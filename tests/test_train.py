@@ -3,7 +3,10 @@ import itertools
 import json
 import os
 import re
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +14,7 @@ from pipeline.clt import load_transcoder
 from pipeline.config import parse_params
 from pipeline.dump import run as run_dump
 from pipeline.loader import ActivationLoader, massive_rows, split_mask
-from pipeline.store import ActivationStore
+from pipeline.store import NORMS, ActivationStore
 from pipeline.train import Checkpoint, normalise, run, sample_rows, sparse_decoder_pays
 from tests.tiny import TEXT
 
@@ -75,6 +78,26 @@ def test_loader_is_deterministic_excludes_bos_and_resumes_mid_epoch(tiny_store):
         torch.testing.assert_close(a, b)
 
 
+def test_massive_rows_come_from_the_stored_norms_without_reading_mlp_out(tiny_store, tmp_path, monkeypatch):
+    """The dump's `mlp_out_norm` gives exactly the rows of a pass over `mlp_out` (a store
+    without that array, as older dumps wrote), and finding them reads no `mlp_out`."""
+    src = Path(tiny_store["paths"]["activations"])
+    old = tmp_path / "old.zarr"
+    shutil.copytree(src, old)
+    shutil.rmtree(old / NORMS)
+    stores = ActivationStore(src), ActivationStore(old)
+    assert stores[0].has_norms and not stores[1].has_norms
+    keep = split_mask(stores[0].array("doc_ids")[:], stores[0].array("positions")[:], "train", 0.05)
+    expected = massive_rows(stores[1], keep, 3.0)
+    assert 0 < expected.sum() < len(expected) // 4
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("read mlp_out")
+
+    monkeypatch.setattr(stores[0], "read_rows", no_reads)
+    np.testing.assert_array_equal(massive_rows(stores[0], keep, 3.0), expected)
+
+
 def test_loader_leaves_out_massive_activation_rows(tiny_store):
     """`max_norm_ratio` drops exactly the train rows whose MLP output norm at some layer
     exceeds the ratio times the layer's median (naive recomputation here), from every batch."""
@@ -133,9 +156,9 @@ def test_topk_exports_jumprelu_with_same_l0(tiny_store, tmp_path, activation):
     assert 2 <= metrics["mean"]["l0"] <= 6  # calibrated thresholds give ~k on held-out rows
 
 
-def test_killed_training_resumes_exactly(tiny_store, tmp_path, monkeypatch):
-    reference = run(_params(tmp_path / "a", tiny_store), progress=False)
-    params = _params(tmp_path / "b", tiny_store)
+def kill_after_second_checkpoint(params, monkeypatch) -> None:
+    """Train with `params` until just after the second checkpoint is saved, then stop as a
+    kill would (a KeyboardInterrupt); the checkpoint is left for a resumed run."""
     original = Checkpoint.save
     calls = {"n": 0}
 
@@ -145,10 +168,16 @@ def test_killed_training_resumes_exactly(tiny_store, tmp_path, monkeypatch):
         if calls["n"] == 2:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(Checkpoint, "save", crash_after_second_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        run(params, progress=False)
-    monkeypatch.setattr(Checkpoint, "save", original)
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpoint, "save", crash_after_second_checkpoint)
+        with pytest.raises(KeyboardInterrupt):
+            run(params, progress=False)
+
+
+def test_killed_training_resumes_exactly(tiny_store, tmp_path, monkeypatch):
+    reference = run(_params(tmp_path / "a", tiny_store), progress=False)
+    params = _params(tmp_path / "b", tiny_store)
+    kill_after_second_checkpoint(params, monkeypatch)
     resumed = run(params, progress=False)
     assert resumed == reference
     a, b = load_transcoder(tmp_path / "a" / "tc"), load_transcoder(tmp_path / "b" / "tc")
