@@ -7,7 +7,8 @@ concatenated shuffled groups. Batch `b` of epoch `e` is therefore a pure functio
 (seed, e, b), so a resumed run can start at any batch without reading what it skips.
 
 A background thread (`pipeline.prefetch`) reads each group into one reused buffer and
-gathers the batches from it, `prefetch_batches` ahead of the training loop and across
+gathers the batches from it (and decodes a float8 store's, unless the training device does
+that: `Batch.on`), `prefetch_batches` ahead of the training loop and across
 epoch boundaries, so the loop only receives ready tensors. Reusing the buffers matters: on this VM, writing
 to freshly allocated memory costs ~2 ms per MB in page faults, several times the copy.
 """
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.prefetch import prefetch
-from pipeline.store import ACTIVATIONS, NORMS, ActivationStore, storage_dtype
+from pipeline.store import ACTIVATIONS, NORMS, ActivationStore, decode, storage_dtype, storage_view
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,17 @@ def rows_mask(
 class Batch:
     x: torch.Tensor  # (n_tokens, n_layers, d_model) MLP inputs, store dtype
     y: torch.Tensor  # (n_tokens, n_layers, d_model) MLP outputs, store dtype
+    stored: str | None = None
+    """None when x and y are activations; else the logical dtype of a store whose layout
+    they are still in (`pipeline.store.encode`: float8 rows and their scales)."""
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """x and y on `device`, decoded there if still stored: a float8 batch crosses to a
+        GPU at half of bfloat16's bytes and decodes at the GPU's memory bandwidth."""
+        return tuple(
+            t.to(device) if self.stored is None else decode(t.to(device), self.stored)
+            for t in (self.x, self.y)
+        )
 
 
 class ActivationLoader:
@@ -114,8 +126,10 @@ class ActivationLoader:
         max_tokens: int | None = None,
         prefetch_batches: int = 8,
         max_norm_ratio: float = 0.0,
+        decode_on_host: bool = True,
     ):
         self.store = store
+        self.decode_on_host = decode_on_host
         self.batch_size = batch_size
         self.prefetch_batches = prefetch_batches
         self.buffer_shards = buffer_shards
@@ -209,11 +223,18 @@ class ActivationLoader:
         """Endless batches from global step `start` on (batch b of epoch e is step
         e * batches_per_epoch + b), gathered ahead in a background thread (`prefetch`)."""
         epoch, first = divmod(start, self.batches_per_epoch)
-        # Decoded in the thread too (float8 stores decode to bfloat16; the others are views).
-        items = self._produce(epoch, first)
-        decoded = (Batch(*(self.store.to_torch(item[n]) for n in ACTIVATIONS)) for item in items)
-        with contextlib.closing(prefetch(decoded, self.prefetch_batches)) as items:
+        with contextlib.closing(
+            prefetch(map(self._batch, self._produce(epoch, first)), self.prefetch_batches)
+        ) as items:
             yield from items
+
+    def _batch(self, item: dict[str, np.ndarray]) -> Batch:
+        """A batch of stored rows, decoded here (in the prefetch thread) when `decode_on_host`, else
+        left in the store's layout for `Batch.on` to decode on the training device."""
+        dtype = self.store.schema.dtype
+        if self.decode_on_host:
+            return Batch(*(self.store.to_torch(item[n]) for n in ACTIVATIONS))
+        return Batch(*(storage_view(item[n], dtype) for n in ACTIVATIONS), stored=dtype)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """The batches of `epoch` from `start_batch` on."""

@@ -176,6 +176,10 @@ def test_float8_store_halves_the_bytes_and_reads_back_close(tiny_model_dir, tmp_
     loaders = [ActivationLoader(s, batch_size=32, val_fraction=0.0) for s in (ref, fp8)]
     a, b = (next(iter(loader.batches())) for loader in loaders)
     assert b.x.dtype == torch.bfloat16
+    # left stored for the training device to decode (`Batch.on`): the same values
+    raw = next(iter(ActivationLoader(fp8, batch_size=32, val_fraction=0.0, decode_on_host=False).batches()))
+    assert raw.x.dtype == torch.uint8 and raw.stored == FP8
+    assert all(torch.equal(u, v) for u, v in zip(raw.on(torch.device("cpu")), b.on(torch.device("cpu"))))
     bound = a.y.abs().amax(-1, keepdim=True) * (2**-4 + 2**-8) + 1e-6
     assert ((b.y.float() - a.y).abs() <= bound).all()
 
