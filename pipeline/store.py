@@ -143,6 +143,9 @@ def decode(stored: torch.Tensor, logical: str) -> torch.Tensor:
     they are."""
     if logical != FP8:
         return stored
+    if stored.numel() == 0:  # torch views no bytes of an empty tensor as float32
+        shape = stored.shape[:-1] + (stored.shape[-1] - SCALE_BYTES,)
+        return torch.empty(shape, dtype=torch.bfloat16, device=stored.device)
     values, scale = stored[..., :-SCALE_BYTES], stored[..., -SCALE_BYTES:]
     scale = scale.contiguous().view(torch.float32)
     return (values.view(torch.float8_e4m3fn).float() * scale).bfloat16()
