@@ -185,6 +185,18 @@ def test_killed_training_resumes_exactly(tiny_store, tmp_path, monkeypatch):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+def test_training_from_a_float8_store_matches_bfloat16(tiny_store, tmp_path):
+    """The same run from a float8 dump of the same tokens: the whole stage (statistics,
+    training, validation) works on it, to about the same validation NMSE."""
+    base = {**tiny_store, "dump": {**tiny_store["dump"], "dtype": "float8_e4m3"}}
+    base["paths"] = {**tiny_store["paths"], "activations": str(tmp_path / "fp8.zarr")}
+    run_dump(parse_params(base), progress=False)
+    bf16 = run(_params(tmp_path / "bf16", tiny_store), progress=False)
+    fp8 = run(_params(tmp_path / "fp8", base), progress=False)
+    assert fp8["mean"]["nmse"] == pytest.approx(bf16["mean"]["nmse"], rel=0.05)
+    assert fp8["mean"]["l0"] == pytest.approx(bf16["mean"]["l0"], rel=0.1)
+
+
 def test_normalisation_gives_root_d_norms(tiny_store):
     from pipeline.train import build_transcoder, fit_scales
 
