@@ -156,13 +156,13 @@ class ActivationLoader:
         return kept[perm]
 
     def _read_group(self, shards: list[int], buffers: dict[str, np.ndarray]) -> None:
-        """Each shard's stored rows into its slot of the (reused) group buffers."""
+        """Each shard's stored rows into its slot of the (reused) group buffers (several
+        reads in flight on object storage: `ActivationStore.read_rows_many`)."""
         schema = self.store.schema
-        for i, s in enumerate(shards):
-            start, stop = schema.shard_rows(s)
-            slot = slice(i * schema.shard_tokens, i * schema.shard_tokens + stop - start)
-            for n in ACTIVATIONS:
-                buffers[n][slot] = self.store.read_rows(n, start, stop)
+        reads = [(n, *schema.shard_rows(s)) for s in shards for n in ACTIVATIONS]
+        firsts = [i * schema.shard_tokens for i in range(len(shards)) for _ in ACTIVATIONS]
+        for (n, start, stop), first, values in zip(reads, firsts, self.store.read_rows_many(reads)):
+            buffers[n][first : first + stop - start] = values
 
     def _produce(self, epoch: int, start_batch: int) -> Iterator[dict[str, np.ndarray]]:
         """Batches (as stored arrays) from batch `start_batch` of `epoch` on, forever."""
