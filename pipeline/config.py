@@ -40,6 +40,31 @@ def _fail(where: str, msg: str) -> typing.NoReturn:
     raise ParamsError(f"`{where}` {msg}")
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(path) -> bool:
+    """True for a URL with a scheme (`s3://...`: a store on object storage), false for a
+    local path."""
+    return isinstance(path, str) and _URL.match(path) is not None
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with `url` as the place of an activation store, or None: a URL whose
+    scheme fsspec knows, naming a `.zarr` prefix (a new dump deletes what an older store
+    left under it, so never a bucket's root)."""
+    import fsspec
+
+    if not is_url(url):
+        return f"must be a URL such as s3://bucket/acts.zarr, got {url!r}"
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in fsspec.available_protocols():
+        return f"has the scheme {scheme!r}, which fsspec does not know (s3, gs, az, memory, ...), in {url!r}"
+    if not url.rstrip("/").endswith(".zarr"):
+        return f"must name a `.zarr` prefix, e.g. s3://bucket/acts.zarr, got {url!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class Bound:
     """Range marker for `Annotated`: a lower or upper bound on a field, inclusive or not
@@ -154,7 +179,9 @@ class PathsConfig(Section):
     model_dir: str = "data/model"
     """The resolved model, materialised as a plain Hugging Face folder."""
     activations: str = "data/activations.zarr"
-    """The Zarr store of MLP inputs and outputs written by `dump`."""
+    """The Zarr store of MLP inputs and outputs written by `dump` (a local folder, or an
+    fsspec URL such as `s3://bucket/acts.zarr` outside DVC); with `dump.store_url`, the
+    store's manifest, a `.json` file."""
     transcoder: str = "data/transcoder"
     """The trained transcoder in circuit-tracer's folder format, written by `train`."""
     metrics: str = "metrics"
@@ -219,6 +246,12 @@ class DumpConfig(Section):
     """Storage dtype; bfloat16 is stored as uint16 with a `logical_dtype` attribute;
     float8_e4m3 (half of bfloat16's bytes) as uint8 rows of float8 values scaled to each
     (token, layer) row's max |value| plus that float32 scale (`pipeline.store.encode`)."""
+    store_url: str | None = None
+    """Write the store to object storage at this URL (`s3://bucket/acts.zarr`, any fsspec
+    URL of a `.zarr` prefix) and a manifest of it at `paths.activations` (a `.json` file):
+    DVC then caches and hashes the manifest, not the shards (`pipeline/remote.py`); the
+    endpoint and credentials come from the environment (`AWS_ENDPOINT_URL`, ...). null: a
+    local store at `paths.activations`."""
 
     def _check(self):
         if self.shard_tokens % self.chunk_tokens:
@@ -226,6 +259,8 @@ class DumpConfig(Section):
                 "dump.shard_tokens",
                 f"must be a multiple of `dump.chunk_tokens` ({self.chunk_tokens}), got {self.shard_tokens}",
             )
+        if self.store_url is not None and (problem := url_problem(self.store_url)):
+            _fail("dump.store_url", problem)
 
 
 @dataclass(frozen=True)
@@ -430,6 +465,22 @@ class Params:
     graphs: GraphsConfig = field(default_factory=GraphsConfig)
     plots: PlotsConfig = field(default_factory=PlotsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self):
+        """The rules across sections: the manifest workflow needs both of its keys."""
+        manifest = self.paths.activations.endswith(".json")
+        if self.dump.store_url is not None and not manifest:
+            _fail(
+                "paths.activations",
+                "must be a `.json` file (the manifest, e.g. data/activations.json) when "
+                f"`dump.store_url` is set, got {self.paths.activations!r}",
+            )
+        if manifest and self.dump.store_url is None:
+            _fail(
+                "dump.store_url",
+                f"must be set (e.g. s3://bucket/acts.zarr) when `paths.activations` is a manifest "
+                f"({self.paths.activations!r}), or set `paths.activations` to a `.zarr` folder",
+            )
 
 
 _YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")

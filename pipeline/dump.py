@@ -8,7 +8,9 @@ output to the activation store.
 2. `dump_activations` fills one shard-sized buffer pair batch by batch with forward
    passes of the trunk (no LM head), then hands it to a background writer thread and
    fills the other pair meanwhile, so compute and disk writes overlap.
-3. The `StoreWriter` writes whole shards only and makes the run resumable.
+3. The `StoreWriter` writes whole shards only and makes the run resumable; with
+   `dump.store_url` it writes them to object storage and a manifest of the store at
+   `paths.activations` (`pipeline.remote`).
 
 Under `torchrun` the shards are split over the ranks (shard u on rank u mod N, data
 parallel: each rank runs the whole model on its own shards); the store's bytes are those
@@ -125,12 +127,16 @@ def dump_activations(
     batch_size: int,
     progress: bool = True,
     world: World = World(),
+    manifest=None,
 ):
-    """Write the activations of `corpus` to a complete store at `out_path`, resuming if
-    possible; with several ranks, this rank writes the shards it owns."""
+    """Write the activations of `corpus` to a complete store at `out_path` (and, for a
+    URL, its manifest at local path `manifest`, if given), resuming if possible; with
+    several ranks, this rank writes the shards it owns."""
     n_seqs, context_len = corpus.token_ids.shape
     positions = np.broadcast_to(np.arange(context_len, dtype=np.int32), (n_seqs, context_len))
-    writer = StoreWriter(out_path, schema, corpus.token_ids, corpus.doc_ids, positions, world=world)
+    writer = StoreWriter(
+        out_path, schema, corpus.token_ids, corpus.doc_ids, positions, world=world, manifest=manifest
+    )
     device = next(model.parameters()).device
     trunk = get_trunk(model)
     shape = (schema.shard_tokens, *schema.row_shape)
@@ -230,6 +236,9 @@ def run(params: Params, *, progress: bool = True):
         bos_token_id=bos_token_id(tokenizer),
     )
     schema = make_schema(model, params.model.name, corpus, params.dump)
+    out, manifest = params.paths.activations, None
+    if params.dump.store_url is not None:  # the store on object storage, its manifest for DVC
+        out, manifest = params.dump.store_url, params.paths.activations
     if ranks.main:
         logger.info(
             "dumping %d tokens x %d layers x %d dims (%s) to %s in %d shards on %d process(es)",
@@ -237,16 +246,17 @@ def run(params: Params, *, progress: bool = True):
             schema.n_layers,
             schema.d_model,
             schema.dtype,
-            params.paths.activations,
+            out,
             schema.n_shards,
             ranks.size,
         )
     return dump_activations(
         model,
         corpus,
-        params.paths.activations,
+        out,
         schema=schema,
         batch_size=params.dump.batch_size,
         progress=progress,
         world=ranks,
+        manifest=manifest,
     )

@@ -1,8 +1,9 @@
 """Shard files of the activation store in Zarr's `sharding_indexed` layout, read and written
 directly: with uncompressed inner chunks spanning every non-token dimension, a shard is
 its rows as raw bytes followed by an index of (offset, nbytes) per chunk and its crc32c.
-`pipeline.store` uses these for whole shards and falls back to Zarr for anything else;
-`tests/test_store.py` checks the bytes equal Zarr's.
+`pipeline.store` uses these for whole shards, as local files or as objects on object
+storage (the same bytes), and falls back to Zarr for anything else; `tests/test_store.py`
+checks the bytes equal Zarr's.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def file_layout(array: zarr.Array) -> dict[str, tuple[int, int]] | None:
         return None
     rows, chunk_rows, shard_rows = array.shape[0], array.chunks[0], array.shards[0]
     per_shard, n_chunks = shard_rows // chunk_rows, -(-rows // chunk_rows)
-    tail = per_shard * 16 + 4
+    tail = index_size(per_shard)
     return {
         f"c/{i}/0/0": (min(per_shard, n_chunks - i * per_shard) * chunk_bytes + tail, tail)
         for i in range(-(-rows // shard_rows))
@@ -69,37 +70,62 @@ def file_problem(path: Path, size: int, index_size: int, *, read_index: bool) ->
     try:
         found = path.stat().st_size
     except FileNotFoundError:
-        return "is missing"
-    if found != size:
-        return f"is {found} bytes, expected {size}"
-    if read_index and index_size:
+        found = None
+    problem = size_problem(found, size)
+    if problem is None and read_index and index_size:
         with open(path, "rb") as f:
             f.seek(size - index_size)
-            index = f.read(index_size)
-        if bytes(CRC32C().encode(index[:-4])) != index:
-            return "has a chunk index that fails its crc32c checksum"
+            problem = index_problem(f.read(index_size))
+    return problem
+
+
+def size_problem(found: int | None, size: int) -> str | None:
+    """What is wrong with a storage file of `found` bytes (None: missing) that should be `size`."""
+    if found is None:
+        return "is missing"
+    return f"is {found} bytes, expected {size}" if found != size else None
+
+
+def index_problem(index: bytes) -> str | None:
+    """What is wrong with a shard's chunk index (its bytes, crc32c included), or None."""
+    if bytes(CRC32C().encode(index[:-4])) != index:
+        return "has a chunk index that fails its crc32c checksum"
     return None
 
 
-def write_shard_file(path: Path, values: np.ndarray, chunk_rows: int) -> None:
-    """Write one full shard in Zarr's `sharding_indexed` layout, without Zarr's copies.
+def shard_parts(values: np.ndarray, chunk_rows: int) -> tuple[memoryview, bytes]:
+    """The bytes of one full shard in Zarr's `sharding_indexed` layout, as two parts: the
+    shard's rows as raw bytes (a view of `values`, no copy) and the index after them.
 
     With uncompressed inner chunks that span every non-token dimension, a shard is the
-    shard's rows as raw bytes (chunk after chunk) followed by an index of (offset, nbytes)
-    per chunk and its crc32c. Zarr's own encoder copies the data three times; this writes
-    the buffer directly, with O_DIRECT where the file system and alignment allow so the
-    kernel does not copy it into the page cache either. `tests/test_store.py` checks the
-    bytes equal Zarr's.
+    rows chunk after chunk followed by an index of (offset, nbytes) per chunk and its
+    crc32c. This is the one place that builds those bytes: a local file
+    (`write_shard_file`) and an object on object storage (`pipeline.store.StoreWriter` on
+    a URL) get the same.
     """
     values = np.ascontiguousarray(values)
     n_chunks = len(values) // chunk_rows
-    chunk_bytes = values[:chunk_rows].nbytes
+    index = _expected_index(n_chunks, values[:chunk_rows].nbytes)
+    return memoryview(values.reshape(-1).view(np.uint8)), bytes(CRC32C().encode(index.tobytes()))
+
+
+def _expected_index(n_chunks: int, chunk_bytes: int) -> np.ndarray:
+    """(offset, nbytes) of each of `n_chunks` chunks of `chunk_bytes` stored back to back."""
     index = np.empty((n_chunks, 2), dtype="<u8")
     index[:, 0] = np.arange(n_chunks, dtype=np.uint64) * chunk_bytes
     index[:, 1] = chunk_bytes
-    tail = bytes(CRC32C().encode(index.tobytes()))
+    return index
+
+
+def write_shard_file(path: Path, values: np.ndarray, chunk_rows: int) -> None:
+    """Write one full shard (`shard_parts`) as a file, without Zarr's copies.
+
+    Zarr's own encoder copies the data three times; this writes the buffer directly, with
+    O_DIRECT where the file system and alignment allow so the kernel does not copy it into
+    the page cache either. `tests/test_store.py` checks the bytes equal Zarr's.
+    """
+    data, tail = shard_parts(values, chunk_rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = memoryview(values.reshape(-1).view(np.uint8))
     _write_direct(path, data)
     with open(path, "ab") as f:
         f.write(tail)
@@ -113,22 +139,39 @@ def read_shard_file(path: Path, shape: tuple[int, ...], dtype, chunk_rows: int) 
     """
     out = np.empty(shape, dtype)
     data = memoryview(out.reshape(-1).view(np.uint8))
-    n_chunks = shape[0] // chunk_rows
-    tail = n_chunks * 16 + 4
+    tail = index_size(shape[0] // chunk_rows)
     with open(path, "rb") as f:
         if f.readinto(data) != len(data):
             return None
         index_bytes = f.read(tail + 1)
-    if len(index_bytes) != tail:
+    return out if _raw_index_ok(index_bytes, shape[0] // chunk_rows, len(data)) else None
+
+
+def shard_from_bytes(buf: bytes, shape: tuple[int, ...], dtype, chunk_rows: int) -> np.ndarray | None:
+    """`read_shard_file` for a shard fetched whole (one GET from object storage): its
+    values (a writable copy), or None unless its index says the raw layout."""
+    out = np.empty(shape, dtype)
+    data = out.reshape(-1).view(np.uint8)
+    if len(buf) < len(data) or not _raw_index_ok(buf[len(data) :], shape[0] // chunk_rows, len(data)):
         return None
-    index = np.frombuffer(index_bytes[:-4], dtype="<u8").reshape(n_chunks, 2)
-    chunk_bytes = len(data) // n_chunks
-    expected = np.stack(
-        [np.arange(n_chunks, dtype=np.uint64) * chunk_bytes, np.full(n_chunks, chunk_bytes)], 1
-    )
-    if not np.array_equal(index, expected) or bytes(CRC32C().encode(index_bytes[:-4])) != index_bytes:
-        return None
+    data[:] = np.frombuffer(buf, np.uint8, count=len(data))
     return out
+
+
+def index_size(n_chunks: int) -> int:
+    """Bytes of a shard's index: 16 per chunk and its 4-byte crc32c."""
+    return n_chunks * 16 + 4
+
+
+def _raw_index_ok(index_bytes: bytes, n_chunks: int, data_bytes: int) -> bool:
+    """Whether `index_bytes` is a whole shard index, intact (crc32c), saying the chunks are
+    stored back to back in order."""
+    if len(index_bytes) != index_size(n_chunks):
+        return False
+    index = np.frombuffer(index_bytes[:-4], dtype="<u8").reshape(n_chunks, 2)
+    return np.array_equal(index, _expected_index(n_chunks, data_bytes // n_chunks)) and not index_problem(
+        index_bytes
+    )
 
 
 def _write_direct(path: Path, data: memoryview) -> None:

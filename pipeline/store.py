@@ -29,6 +29,12 @@ depend on it. `ActivationStore` refuses a
 store that is not complete, has missing chunks or a file of the wrong size, so a reader
 never sees fill values; a read that fails Zarr's checksum names the damaged file. Whole
 shards are read and written as single files, without Zarr's copies (`pipeline.shards`).
+
+A store may also live on object storage: `path` an fsspec URL (`s3://bucket/acts.zarr`),
+written in place with the same crash safety (no rename there: `pipeline.remote`), or a
+manifest file (`*.json`) that names such a URL and what the store there must hold. Its
+objects are the bytes of the local files; whole shards are one PUT and one GET, and
+`read_rows_many` issues several GETs at once to keep training fed.
 """
 
 from __future__ import annotations
@@ -38,21 +44,30 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
 
 from pipeline.atomic import move_into_place
+from pipeline.config import is_url
 from pipeline.distributed import World, barrier, fault, wait_for_ranks
+from pipeline.remote import Prefix, read_manifest, write_manifest
 from pipeline.shards import (
     fast_path_ok,
     file_layout,
     file_problem,
+    index_problem,
     read_shard_file,
+    shard_from_bytes,
+    shard_parts,
+    size_problem,
     write_shard_file,
 )
 
@@ -60,6 +75,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 ACTIVATIONS = ("resid_mid", "mlp_out")
+SMALL_ARRAYS = ("token_ids", "doc_ids", "positions")
 NORMS = "mlp_out_norm"
 """Per (token, layer) norms of the stored `mlp_out`, written by the dump so that finding
 massive-activation rows (`pipeline.loader.massive_rows`) reads 120 bytes per token, not the
@@ -74,6 +90,32 @@ SCALE_BYTES = 4
 # Write chunks even when they equal the fill value, so "every chunk exists" is the test
 # of a complete store (zarr skips such chunks by default).
 _ALWAYS_WRITE = {"write_empty_chunks": True}
+REMOTE_READS = 8
+"""GETs in flight at once in `ActivationStore.read_rows_many` on object storage: one
+connection to S3 carries a fraction of a machine's bandwidth, and AWS's performance
+guidelines scale throughput with concurrent requests (`bench/s3.py` measures it)."""
+
+
+def crc32c(*parts) -> int:
+    """crc32c of the concatenated buffers `parts` (bytes or contiguous arrays)."""
+    value = 0
+    for part in parts:
+        view = np.frombuffer(part, np.uint8)
+        view.flags.writeable = False  # google_crc32c takes read-only buffers only
+        value = google_crc32c.extend(value, view)
+    return value
+
+
+def shard_file(name: str, shard: int) -> str:
+    """The storage file of shard `shard` of activation array `name`, inside the store."""
+    return f"{name}/c/{shard}/0/0"
+
+
+def _open_group(where: Path | Prefix, mode: str) -> zarr.Group:
+    """The store's Zarr group at a local folder or (through Zarr's fsspec store) a prefix."""
+    if isinstance(where, Prefix):
+        return zarr.open_group(where.zarr_store(read_only=mode == "r"), mode=mode)
+    return zarr.open_group(str(where), mode=mode)
 
 
 @dataclass(frozen=True)
@@ -203,28 +245,45 @@ def _encoding(logical: str) -> dict[str, str]:
 
 
 class StoreWriter:
-    """Creates (or resumes) a store in `<path>.partial` and writes it one shard at a time.
+    """Creates (or resumes) a store in `<path>.partial` and writes it one shard at a time;
+    a `path` that is a URL is written in place (`pipeline.remote`), and with `manifest`
+    (a local `.json` path) `finalize` also writes the store's manifest there.
 
     With a `world` of several ranks, every rank constructs one (rank 0 creates or resumes
     the store, the others open it after a barrier) and writes the shards of `shards_todo`
     (those it owns that are not marked done); `finalize` then waits for every rank."""
 
     def __init__(
-        self, path: str | Path, schema: StoreSchema, token_ids, doc_ids, positions, *, world: World = World()
+        self,
+        path: str | Path,
+        schema: StoreSchema,
+        token_ids,
+        doc_ids,
+        positions,
+        *,
+        world: World = World(),
+        manifest: str | Path | None = None,
     ):
-        self.path = Path(path)
-        self.staging = self.path.with_name(self.path.name + ".partial")
+        self.remote = Prefix(path) if is_url(path) else None
+        if self.remote is None:
+            assert manifest is None, "a manifest stands for a store on object storage"
+            self.path = Path(path)
+            self.staging = self.path.with_name(self.path.name + ".partial")
+            self._progress = self.staging / "progress"
+        else:
+            self.path = self.staging = self.remote.url
+        self.manifest = manifest
         self.schema = schema
         self.world = world
-        self._progress = self.staging / "progress"
+        where = self.remote or self.staging
         if world.main:
             if self._resumable():
-                self.group = zarr.open_group(str(self.staging), mode="r+")
+                self.group = _open_group(where, "r+")
             else:
                 self._create(token_ids, doc_ids, positions)
         barrier("dump: store created")
         if not world.main:
-            self.group = zarr.open_group(str(self.staging), mode="r+")
+            self.group = _open_group(where, "r+")
         done = self.finished()
         if world.main and done:
             logger.info("resuming %s with %d/%d shards done", self.staging, len(done), schema.n_shards)
@@ -233,19 +292,27 @@ class StoreWriter:
 
     def finished(self) -> set[int]:
         """The shards marked done."""
+        if self.remote is not None:
+            return {int(name) for name in self.remote.names("progress") if name.isdigit()}
         return {int(p.name) for p in self._progress.iterdir() if p.name.isdigit()}
 
     def _resumable(self) -> bool:
-        legacy = self.staging / "progress.json"  # {"shards_done": n}: shards [0, n) are done
-        if not (self._progress.is_dir() or legacy.is_file()):
-            return False
+        """Whether the staging folder (or the prefix) holds an unfinished store of this
+        schema. A complete store on object storage is a finished dump (its markers are
+        gone) that a new run replaces, unless its markers show the run died finalizing."""
+        if self.remote is None:
+            legacy = self.staging / "progress.json"  # {"shards_done": n}: shards [0, n) are done
+            if not (self._progress.is_dir() or legacy.is_file()):
+                return False
         try:
-            attrs = zarr.open_group(str(self.staging), mode="r").attrs.asdict()
+            attrs = _open_group(self.remote or self.staging, "r").attrs.asdict()
         except Exception:  # unreadable leftovers are rebuilt, never trusted
             return False
         same = attrs.get("schema") == asdict(self.schema)
         if not same:
             logger.warning("discarding %s: it was written with other settings", self.staging)
+        elif self.remote is not None:
+            return attrs.get("complete") is not True or bool(self.finished())
         elif legacy.is_file():
             self._progress.mkdir(exist_ok=True)
             for shard in range(json.loads(legacy.read_text())["shards_done"]):
@@ -255,8 +322,12 @@ class StoreWriter:
 
     def _create(self, token_ids, doc_ids, positions) -> None:
         s = self.schema
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.group = zarr.open_group(str(self.staging), mode="w")
+        if self.remote is None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.group = zarr.open_group(str(self.staging), mode="w")
+        else:
+            self._clear_prefix()
+            self.group = _open_group(self.remote, "w")
         for name in ACTIVATIONS:
             self.group.create_array(
                 name,
@@ -307,7 +378,19 @@ class StoreWriter:
                 "n_tokens": s.n_tokens,
             }
         )
-        self._progress.mkdir()
+        if self.remote is None:
+            self._progress.mkdir()
+
+    def _clear_prefix(self) -> None:
+        """Delete what an earlier store left under the prefix, refusing anything else."""
+        known = {"zarr.json", "progress", *ACTIVATIONS, *SMALL_ARRAYS, NORMS}
+        foreign = sorted({rel.split("/")[0] for rel in self.remote.sizes()} - known)
+        if foreign:
+            raise ValueError(
+                f"{self.path} holds objects that are not part of an activation store "
+                f"({', '.join(foreign[:3])}); name an empty prefix, or delete them"
+            )
+        self.remote.remove_all()
 
     def write_shard(self, shard: int, activations: dict[str, np.ndarray]) -> None:
         """Write shard `shard` of every activation array, then mark it done.
@@ -324,15 +407,26 @@ class StoreWriter:
                     f"(shard {shard} has {stop - start} rows, got {activations[name].shape[0]})"
                 )
         self._check_finite(activations, start)
+        crcs = {}
         for name in ACTIVATIONS:
             values = activations[name]
+            rel = shard_file(name, shard)
             if stop - start == self.schema.shard_tokens and self._fast[name]:
-                path = self.staging / name / "c" / str(shard) / "0" / "0"
-                write_shard_file(path, values, self.schema.chunk_tokens)
+                if self.remote is None:
+                    write_shard_file(self.staging / rel, values, self.schema.chunk_tokens)
+                else:
+                    parts = shard_parts(values, self.schema.chunk_tokens)
+                    self.remote.put(rel, b"".join(parts))  # one object: the local file's bytes
+                    crcs[rel] = crc32c(*parts)
             else:
                 self.group[name][start:stop] = values
+                if self.remote is not None:
+                    crcs[rel] = crc32c(self.remote.get(rel))  # a partial last shard: read back
         self.group[NORMS][start:stop] = row_norms(activations["mlp_out"], self.schema.dtype)
-        (self._progress / str(shard)).touch()
+        if self.remote is None:
+            (self._progress / str(shard)).touch()
+        else:
+            self.remote.put(f"progress/{shard}", json.dumps(crcs, sort_keys=True).encode())
         fault(f"dump-shard-{shard}")
 
     def _check_finite(self, activations: dict[str, np.ndarray], first_row: int) -> None:
@@ -349,34 +443,66 @@ class StoreWriter:
             "`model.dtype: float32`"
         )
 
-    def finalize(self) -> Path:
+    def finalize(self) -> Path | str:
         """Once every rank has written its shards, mark the store complete and move it
-        into place (rank 0)."""
+        into place (rank 0); on object storage mark it complete where it is, write the
+        manifest (if any) and delete the markers. Returns the manifest or the store."""
         wait_for_ranks("dump: shards written")
         if self.world.main:
             missing = sorted(set(range(self.schema.n_shards)) - self.finished())
             if missing:
                 raise RuntimeError(f"finalize with shards {missing} of {self.staging} not written")
-            self.group.attrs["complete"] = True
-            shutil.rmtree(self._progress)
-            move_into_place(self.staging, self.path)
+            if self.remote is None:
+                self.group.attrs["complete"] = True
+                shutil.rmtree(self._progress)
+                move_into_place(self.staging, self.path)
+            else:
+                self._publish()
         barrier("dump: store complete")
-        return self.path
+        return self.path if self.manifest is None else Path(self.manifest)
+
+    def _publish(self) -> None:
+        """Complete a store on object storage: `complete: true` is written after every
+        shard, the manifest after that, and the markers go last (a run that dies before
+        then finalizes again from them)."""
+        markers = [f"progress/{u}" for u in range(self.schema.n_shards)]
+        crcs = {}
+        for blob in self.remote.get_many(markers):
+            crcs.update(json.loads(blob))
+        self.group.attrs["complete"] = True
+        if self.manifest is not None:
+            files = {
+                f"{name}/{rel}": (size, crcs[f"{name}/{rel}"])
+                for name in ACTIVATIONS
+                for rel, (size, _) in file_layout(self.group[name]).items()
+            }
+            write_manifest(self.manifest, self.path, asdict(self.schema), files)
+        self.remote.remove(markers)
 
 
 class ActivationStore:
-    """Read access to a complete store."""
+    """Read access to a complete store: a local folder, a URL (`pipeline.remote`), or a
+    manifest file (`*.json`) naming a URL, whose store must match it: the same schema
+    and shard sizes when it opens, the same crc32c when a whole shard is read."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.exists():
-            partial = self.path.with_name(self.path.name + ".partial")
-            hint = " (an interrupted dump is at " + str(partial) + ")" if partial.exists() else ""
+    def __init__(self, path: str | Path, *, max_reads: int = REMOTE_READS):
+        self.manifest = self.manifest_path = None
+        if not is_url(path) and str(path).endswith(".json"):
+            self.manifest_path, self.manifest = path, read_manifest(path)
+            path = self.manifest["url"]
+        self.remote = Prefix(path) if is_url(path) else None
+        self.path = Path(path) if self.remote is None else self.remote.url
+        self.max_reads = max_reads
+        self._fix = "run `dvc pull` to restore it, or `dvc repro dump` to rebuild the store"
+        if self.remote is not None:
+            self._fix = "run `dvc repro dump` to rebuild the store"
+        found = None if self.remote is None else self.remote.sizes()  # one listing for every check
+        if not (self.path.exists() if self.remote is None else "zarr.json" in found):
             raise FileNotFoundError(
-                f"activation store {self.path} does not exist{hint}; run `dvc repro dump`"
+                f"activation store {self.path} does not exist{self._hint()}; run `dvc repro dump`"
             )
         try:
-            self.group = zarr.open_group(str(self.path), mode="r")
+            self.group = _open_group(self.remote or self.path, "r")
             attrs = self.group.attrs.asdict()
         except Exception as e:
             raise ValueError(
@@ -392,7 +518,7 @@ class ActivationStore:
         self.schema = StoreSchema(**attrs["schema"])
         self._fast: dict[str, bool] = {}
         self.has_norms = NORMS in self.group
-        for name in (*ACTIVATIONS, "token_ids", "doc_ids", "positions", *[NORMS] * self.has_norms):
+        for name in (*ACTIVATIONS, *SMALL_ARRAYS, *[NORMS] * self.has_norms):
             if name not in self.group:
                 raise ValueError(f"{self.path} has no array {name!r}; re-run `dvc repro dump`")
             arr = self.group[name]
@@ -402,21 +528,51 @@ class ActivationStore:
                     f"{arr.nchunks} chunks (a corrupted or partial copy); "
                     "re-run `dvc repro dump` or `dvc pull`"
                 )
-            problem = self._damage(name, read_index=False)  # a stat per file
+            problem = self._damage(name, read_index=False, found=found)  # a stat per file, or the listing
             if problem is not None:
                 raise ValueError(problem)
+        if self.manifest is not None:
+            self._check_manifest()
 
-    def _damage(self, name: str, *, read_index: bool) -> str | None:
+    def _hint(self) -> str:
+        """Where an interrupted dump of a missing local store is, if it is."""
+        if self.remote is not None:
+            return ""
+        partial = self.path.with_name(self.path.name + ".partial")
+        return " (an interrupted dump is at " + str(partial) + ")" if partial.exists() else ""
+
+    def _check_manifest(self) -> None:
+        """Refuse a store that is not the one the manifest describes (rewritten by another
+        dump, or changed since): its schema and shard files must be the manifest's."""
+        m, fix = self.manifest, "run `dvc repro dump` to rebuild it (the stages after it re-run)"
+        where = f"the activation store at {self.path} does not match its manifest {self.manifest_path}"
+        if m.get("schema") != asdict(self.schema):
+            changed = sorted(k for k, v in asdict(self.schema).items() if (m.get("schema") or {}).get(k) != v)
+            raise ValueError(f"{where}: it was dumped with other settings ({', '.join(changed)}); {fix}")
+        sizes = {
+            f"{n}/{rel}": size for n in ACTIVATIONS for rel, (size, _) in file_layout(self.group[n]).items()
+        }
+        if sizes != {rel: f["size"] for rel, f in m["files"].items()}:
+            raise ValueError(f"{where}: its shard files differ in number or size; {fix}")
+
+    def _damage(self, name: str, *, read_index: bool, found: dict[str, int] | None = None) -> str | None:
         """The error message for the first damaged storage file of array `name`, or None
-        when every file has its expected size (and, with `read_index`, a valid index)."""
+        when every file has its expected size (and, with `read_index`, a valid index).
+        On object storage the sizes come from a listing (`found`, else a fresh one)."""
         layout = file_layout(self.group[name])
+        if self.remote is not None and found is None:
+            found = self.remote.sizes()
         for rel, (size, index_size) in (layout or {}).items():
-            problem = file_problem(self.path / name / rel, size, index_size, read_index=read_index)
+            if self.remote is None:
+                problem = file_problem(self.path / name / rel, size, index_size, read_index=read_index)
+            else:
+                problem = size_problem(found.get(f"{name}/{rel}"), size)
+                if problem is None and read_index and index_size:
+                    problem = index_problem(self.remote.get(f"{name}/{rel}", size - index_size, size))
             if problem is not None:
                 return (
                     f"activation store {self.path}: {'shard ' if index_size else ''}file {name}/{rel} "
-                    f"of array {name!r} {problem} (a corrupted or truncated copy); run `dvc pull` "
-                    "to restore it, or `dvc repro dump` to rebuild the store"
+                    f"of array {name!r} {problem} (a corrupted or truncated copy); {self._fix}"
                 )
         return None
 
@@ -462,13 +618,49 @@ class ActivationStore:
             and stop - start == s.shard_tokens
             and self._fast.setdefault(name, fast_path_ok(self.group[name]))
         ):
-            path = self.path / name / "c" / str(start // s.shard_tokens) / "0" / "0"
+            rel = shard_file(name, start // s.shard_tokens)
             shape = (s.shard_tokens, *s.row_shape)
-            values = read_shard_file(path, shape, storage_dtype(s.dtype), s.chunk_tokens)
+            if self.remote is None:
+                values = read_shard_file(self.path / rel, shape, storage_dtype(s.dtype), s.chunk_tokens)
+            else:
+                values = shard_from_bytes(self._get_shard(rel), shape, storage_dtype(s.dtype), s.chunk_tokens)
         if values is None:  # not the raw layout, or a damaged file: Zarr reads (or reports) it
             with self._reading(name):
                 values = self.group[name][start:stop]
         return values if keep is None else values[keep]
+
+    def _get_shard(self, rel: str) -> bytes:
+        """Shard object `rel` in one GET; with a manifest, refuse bytes other than those it
+        describes (the store at the URL was rewritten with the same settings)."""
+        data = self.remote.get(rel)
+        if self.manifest is not None and crc32c(data) != self.manifest["files"][rel]["crc32c"]:
+            raise ValueError(
+                f"shard file {rel} of the activation store at {self.path} is not the one its manifest "
+                f"{self.manifest_path} describes (crc32c differs): the store was rewritten since; "
+                "run `dvc repro dump` to rebuild it (the stages after it re-run)"
+            )
+        return data
+
+    def read_rows_many(self, reads: Iterable[tuple]) -> Iterator[np.ndarray]:
+        """`read_rows(*args)` for each args tuple of `reads`, in order. On object storage up
+        to `max_reads` are in flight at once, so that one GET's latency overlaps the others'
+        transfers (and at most that many shards wait in memory); a local store reads them
+        one after another, as before."""
+        if self.remote is None or self.max_reads <= 1:
+            yield from (self.read_rows(*args) for args in reads)
+            return
+        with ThreadPoolExecutor(self.max_reads, thread_name_prefix="store-read") as pool:
+            pending: deque = deque()
+            try:
+                for args in reads:
+                    pending.append(pool.submit(self.read_rows, *args))
+                    if len(pending) == self.max_reads:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for f in pending:
+                    f.cancel()
 
 
 class CheckedArray:

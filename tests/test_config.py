@@ -65,6 +65,22 @@ def test_params_yaml_lists_every_key_with_its_default():
             "`train.compute_dtype` must be one of auto, bfloat16, float32",
         ),
         ({"examples": {"autocast": True}}, "`examples.autocast` is not a known key of `examples`"),
+        ({"dump": {"store_url": "bucket/acts.zarr"}}, "`dump.store_url` must be a URL such as s3://"),
+        (
+            {"dump": {"store_url": "nope://b/acts.zarr"}},
+            "`dump.store_url` has the scheme 'nope', which fsspec",
+        ),
+        ({"dump": {"store_url": "s3://bucket"}}, "`dump.store_url` must name a `.zarr` prefix"),
+        (
+            {"dump": {"store_url": "s3://bucket/acts.zarr"}},
+            "`paths.activations` must be a `.json` file (the manifest, e.g. data/activations.json) when "
+            "`dump.store_url` is set, got 'data/activations.zarr'",
+        ),
+        (
+            {"paths": {"activations": "data/activations.json"}},
+            "`dump.store_url` must be set (e.g. s3://bucket/acts.zarr) when `paths.activations` is a "
+            "manifest",
+        ),
     ],
 )
 def test_bad_params_name_the_key(raw, message):
@@ -103,6 +119,14 @@ def test_direct_construction_is_validated_and_converted():
         dataclasses.replace(CorpusConfig(), context_len=1)
     assert TrainConfig(max_norm_ratio=100).max_norm_ratio == 100.0
     assert isinstance(TrainConfig(max_norm_ratio=100).max_norm_ratio, float)
+
+
+def test_manifest_workflow_params():
+    params = parse_params(
+        {"paths": {"activations": "data/activations.json"}, "dump": {"store_url": "s3://bucket/acts.zarr"}}
+    )
+    assert params.dump.store_url == "s3://bucket/acts.zarr"
+    assert parse_params({"paths": {"activations": "s3://bucket/acts.zarr"}}).dump.store_url is None
 
 
 def test_yaml12_floats_are_numbers():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import loader
 from pipeline.clt import load_transcoder
 from pipeline.config import parse_params
 from pipeline.dump import run as run_dump
@@ -96,6 +97,9 @@ def test_massive_rows_come_from_the_stored_norms_without_reading_mlp_out(tiny_st
 
     monkeypatch.setattr(stores[0], "read_rows", no_reads)
     np.testing.assert_array_equal(massive_rows(stores[0], keep, 3.0), expected)
+    monkeypatch.setattr(loader, "NORM_BLOCK_SHARDS", 3)  # blocks of shards that do not divide the store
+    for store in stores:
+        np.testing.assert_array_equal(massive_rows(store, keep, 3.0), expected)
 
 
 def test_loader_leaves_out_massive_activation_rows(tiny_store):
