@@ -242,10 +242,12 @@ class DumpConfig(Section):
     """Tokens per shard file (one file per shard per array); a multiple of `chunk_tokens`."""
     chunk_tokens: Annotated[int, Ge(1)] = 512
     """Tokens per inner chunk (the unit a reader can fetch without the whole shard)."""
-    dtype: Literal["bfloat16", "float16", "float32", "float8_e4m3"] = "bfloat16"
-    """Storage dtype; bfloat16 is stored as uint16 with a `logical_dtype` attribute;
-    float8_e4m3 (half of bfloat16's bytes) as uint8 rows of float8 values scaled to each
-    (token, layer) row's max |value| plus that float32 scale (`pipeline.store.encode`)."""
+    dtype: Literal["bfloat16", "float16", "float32", "float8_e4m3"] = "float8_e4m3"
+    """Storage dtype. float8_e4m3 (half of bfloat16's bytes): uint8 rows of float8 values
+    scaled to each (token, layer) row's max |value|, plus that float32 scale
+    (`pipeline.store.encode`); readers get bfloat16. A CLT trained from it matches one
+    trained from bfloat16 (docs/results.md). bfloat16 is stored as uint16 with a
+    `logical_dtype` attribute."""
     store_url: str | None = None
     """Write the store to object storage at this URL (`s3://bucket/acts.zarr`, any fsspec
     URL of a `.zarr` prefix) and a manifest of it at `paths.activations` (a `.json` file):

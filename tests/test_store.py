@@ -22,7 +22,14 @@ def _params(tmp_path, model_dir, **dump):
         "paths": {"model_dir": str(model_dir), "activations": str(tmp_path / "act.zarr")},
         "model": {"name": str(model_dir), "dtype": dump.pop("model_dtype", "float32")},
         "corpus": {"path": str(corpus), "context_len": 16},
-        "dump": {"n_tokens": 256, "batch_size": 3, "shard_tokens": 64, "chunk_tokens": 32, **dump},
+        "dump": {
+            "n_tokens": 256,
+            "batch_size": 3,
+            "shard_tokens": 64,
+            "chunk_tokens": 32,
+            "dtype": "bfloat16",
+            **dump,
+        },
         "runtime": {"device": "cpu"},
     }
     return parse_params(raw)

@@ -30,7 +30,13 @@ def tiny_store(tmp_path_factory, tiny_model_dir):
         "paths": {"model_dir": str(model_dir), "activations": str(tmp / "act.zarr")},
         "model": {"name": str(model_dir), "dtype": "float32"},
         "corpus": {"path": str(corpus), "context_len": 16},
-        "dump": {"n_tokens": 2048, "batch_size": 8, "shard_tokens": 256, "chunk_tokens": 64},
+        "dump": {
+            "n_tokens": 2048,
+            "batch_size": 8,
+            "shard_tokens": 256,
+            "chunk_tokens": 64,
+            "dtype": "bfloat16",
+        },
         "runtime": {"device": "cpu"},
     }
     run_dump(parse_params(raw), progress=False)
