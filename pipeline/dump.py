@@ -115,6 +115,7 @@ def make_schema(model: nn.Module, model_name: str, corpus: PackedCorpus, cfg) ->
         chunk_tokens=min(cfg.chunk_tokens, shard_tokens),
         dtype=cfg.dtype,
         corpus_sha256=hash_arrays(corpus.token_ids, corpus.doc_ids),
+        compute_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
     )
 
 

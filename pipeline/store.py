@@ -133,6 +133,9 @@ class StoreSchema:
     dtype: str
     corpus_sha256: str
     """Hash of the packed token and document ids: a resumed run must see the same tokens."""
+    compute_dtype: str = ""
+    """The dtype the model ran in (`model.dtype` resolved): a resumed run must not mix
+    shards computed in another. Empty in stores from before it was recorded."""
 
     @property
     def n_shards(self) -> int:

@@ -109,15 +109,24 @@ def test_killed_dump_resumes_to_the_same_bytes(tiny_model_dir, tmp_path, monkeyp
     assert not partial.exists()
 
 
-def test_changed_settings_discard_partial_store(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "change, field, value",
+    [({"dtype": "float16"}, "dtype", "float16"), ({"model_dtype": "bfloat16"}, "compute_dtype", "bfloat16")],
+)
+def test_changed_settings_discard_partial_store(
+    tiny_model_dir, tmp_path, monkeypatch, caplog, change, field, value
+):
+    """A partial store written with other settings, the model's compute dtype included, is
+    rebuilt rather than resumed: its shards would not be those of the new settings."""
     params = _params(tmp_path, tiny_model_dir("llama"))
     monkeypatch.setattr(StoreWriter, "finalize", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         run(params, progress=False)
     monkeypatch.undo()
-    other = _params(tmp_path, tiny_model_dir("llama"), dtype="float16")
+    other = _params(tmp_path, tiny_model_dir("llama"), **change)
     run(other, progress=False)
-    assert ActivationStore(other.paths.activations).schema.dtype == "float16"
+    assert "written with other settings" in caplog.text
+    assert getattr(ActivationStore(other.paths.activations).schema, field) == value
 
 
 def test_readers_refuse_incomplete_or_corrupted_stores(tiny_model_dir, tmp_path):
