@@ -19,6 +19,8 @@ import zarr
 from numcodecs import CRC32C
 
 _PAGE = 4096
+_RAW = ([{"name": "bytes", "configuration": {"endian": "little"}}], [{"name": "bytes"}])
+"""Codecs of raw little-endian chunks: Zarr names no endianness for 1-byte values (float8)."""
 
 
 def fast_path_ok(array: zarr.Array) -> bool:
@@ -28,7 +30,7 @@ def fast_path_ok(array: zarr.Array) -> bool:
         return False
     conf = codecs[0]["configuration"]
     return (
-        conf["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}]
+        conf["codecs"] in _RAW
         and conf["index_codecs"]
         == [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
         and conf.get("index_location", "end") == "end"
@@ -48,7 +50,7 @@ def file_layout(array: zarr.Array) -> dict[str, tuple[int, int]] | None:
     codecs = json.loads(json.dumps(array.metadata.to_dict()["codecs"]))  # tuples -> lists
     chunk_bytes = int(np.prod(array.chunks)) * array.dtype.itemsize
     if array.shards is None:
-        if codecs != [{"name": "bytes", "configuration": {"endian": "little"}}]:
+        if codecs not in _RAW:
             return None
         grid = [-(-n // c) for n, c in zip(array.shape, array.chunks)]
         return {"c/" + "/".join(map(str, i)): (chunk_bytes, 0) for i in np.ndindex(*grid)}

@@ -11,6 +11,7 @@ from pipeline.config import parse_params
 from pipeline.dump import run
 from pipeline.loader import ActivationLoader
 from pipeline.model import get_trunk, load_model
+from pipeline.shards import fast_path_ok, file_layout
 from pipeline.store import ACTIVATIONS, FP8, SCALE_BYTES, ActivationStore, StoreWriter, decode, encode
 from tests.tiny import ARCHS, TEXT
 
@@ -181,6 +182,8 @@ def test_float8_store_halves_the_bytes_and_reads_back_close(tiny_model_dir, tmp_
         stores[dtype] = ActivationStore(params.paths.activations)
     ref, fp8 = stores["float32"], stores[FP8]
     assert fp8.group.attrs["dtype"] == FP8 and "encoding" in fp8.array("mlp_out").attrs
+    # raw shards like the others: one-read fast path, and sizes checked when opened
+    assert all(fast_path_ok(fp8.group[n]) and file_layout(fp8.group[n]) for n in ACTIVATIONS)
     d = ref.schema.d_model
     size = {k: os.path.getsize(Path(v.path) / "mlp_out" / "c" / "0" / "0" / "0") for k, v in stores.items()}
     assert size[FP8] < size["bfloat16"] * (d + SCALE_BYTES) / (2 * d) + 1024
@@ -197,6 +200,10 @@ def test_float8_store_halves_the_bytes_and_reads_back_close(tiny_model_dir, tmp_
     raw = next(iter(ActivationLoader(fp8, batch_size=32, val_fraction=0.0, decode_on_host=False).batches()))
     assert raw.x.dtype == torch.uint8 and raw.stored == FP8
     assert all(torch.equal(u, v) for u, v in zip(raw.on(torch.device("cpu")), b.on(torch.device("cpu"))))
+    with open(Path(fp8.path) / "mlp_out" / "c" / "1" / "0" / "0", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match="is 100 bytes, expected"):
+        ActivationStore(fp8.path)
     bound = a.y.abs().amax(-1, keepdim=True) * (2**-4 + 2**-8) + 1e-6
     assert ((b.y.float() - a.y).abs() <= bound).all()
 
