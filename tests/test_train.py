@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from pipeline import loader
+from pipeline.checkpoint import Checkpoint
 from pipeline.clt import load_transcoder
 from pipeline.config import parse_params
 from pipeline.dump import run as run_dump
 from pipeline.loader import ActivationLoader, massive_rows, split_mask
 from pipeline.store import NORMS, ActivationStore
-from pipeline.train import Checkpoint, normalise, run, sample_rows, sparse_decoder_pays
+from pipeline.train import normalise, run, sample_rows, sparse_decoder_pays
 from tests.tiny import TEXT
 
 
