@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import itertools
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -109,6 +111,39 @@ def normalise(model: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor):
     )
 
 
+def penalty_terms(
+    acts: torch.Tensor, h: torch.Tensor, threshold: torch.Tensor, norms: torch.Tensor, c: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The JumpReLU loss's sparsity term sum tanh(c * a * ||W_dec||) and pre-activation term
+    sum relu(threshold - h) * ||W_dec|| (summed over layers and features, averaged over
+    tokens), in float32. Eager, each is several passes over the (n_layers, n_tokens, d_tc)
+    tensors forward and backward, and saves float32 copies of them; compiled
+    (`compiled_penalty_terms`), one fused loop each way."""
+    sparsity = torch.tanh(c * acts.float() * norms).sum(dim=(0, 2)).mean()
+    pre_act = (torch.relu(threshold - h.float()) * norms).sum(dim=(0, 2)).mean()
+    return sparsity, pre_act
+
+
+@functools.cache
+def compiled_penalty_terms():
+    """`penalty_terms` compiled once per process (shapes are fixed within a run)."""
+    return torch.compile(penalty_terms, dynamic=False)
+
+
+COMPILE_MIN_VALUES = 1 << 22
+"""`train.compile: auto` compiles when a step has this many (layer, token, feature) values:
+below it the compile (~15-60 s) costs more than it saves (tiny runs, tests)."""
+
+
+def compile_pays(cfg: TrainConfig, n_layers: int, device: torch.device) -> bool:
+    """`train.compile`, or for `auto`: a big enough step and a compiler for `device`."""
+    if cfg.compile != "auto":
+        return cfg.compile
+    if cfg.activation != "jumprelu" or cfg.batch_size * n_layers * cfg.d_transcoder < COMPILE_MIN_VALUES:
+        return False
+    return device.type == "cuda" or shutil.which(os.environ.get("CXX", "g++")) is not None
+
+
 def loss_terms(
     model: CrossLayerTranscoder,
     x: torch.Tensor,
@@ -118,9 +153,11 @@ def loss_terms(
     cfg: TrainConfig,
     bandwidth: float,
     sparse: bool = False,
+    compiled: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The paper's loss on normalised (x, y), each (n_tokens, n_layers, d_model), decoding
-    with the token-level sparse decoder when `sparse`.
+    with the token-level sparse decoder when `sparse`, its JumpReLU terms fused by
+    `torch.compile` when `compiled` (`penalty_terms`).
 
     The transcoder computes in `cfg.compute_dtype` (bfloat16: its float32 parameters cast
     once per step; every matmul accumulates in float32); the threshold, the loss terms and
@@ -131,10 +168,11 @@ def loss_terms(
     terms = {"mse": mse, "acts": acts.detach()}
     total = mse
     if model.shape.activation == "jumprelu":
-        norms = model.decoder_norms()  # (n_layers, d_tc), fp32
-        norms = norms[:, None]  # acts and h are (n_layers, n_tokens, d_tc)
-        sparsity = torch.tanh(cfg.sparsity_c * acts.float() * norms).sum(dim=(0, 2)).mean()
-        pre_act = (torch.relu(model.threshold[:, None] - h.float()) * norms).sum(dim=(0, 2)).mean()
+        norms = model.decoder_norms()[
+            :, None
+        ]  # (n_layers, 1, d_tc), fp32; acts, h (n_layers, n_tokens, d_tc)
+        terms_fn = compiled_penalty_terms() if compiled else penalty_terms
+        sparsity, pre_act = terms_fn(acts, h, model.threshold[:, None], norms, cfg.sparsity_c)
         total = total + lam * sparsity + cfg.pre_act_coef * pre_act
         terms.update(sparsity=sparsity, pre_act=pre_act)
     terms["total"] = total
@@ -253,6 +291,7 @@ class Trainer:
         self.model = model
         model.to(device)
         self.optimizer = build_optimizer(model, cfg, device)
+        self.compiled = compile_pays(cfg, model.shape.n_layers, device)
         self.steps_done = 0
         self.history: list[dict] = []
 
@@ -328,7 +367,9 @@ class Trainer:
             group["lr"] = lr_at(step, cfg)
         lam = sparsity_lambda_at(step, cfg)
         sparse = self.uses_sparse_decoder()
-        terms = loss_terms(model, x, y, lam=lam, cfg=cfg, bandwidth=self.bandwidth, sparse=sparse)
+        terms = loss_terms(
+            model, x, y, lam=lam, cfg=cfg, bandwidth=self.bandwidth, sparse=sparse, compiled=self.compiled
+        )
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         l0 = (terms["acts"] != 0).float().sum(-1).mean()

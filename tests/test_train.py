@@ -1,4 +1,5 @@
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -17,7 +18,15 @@ from pipeline.config import parse_params
 from pipeline.dump import run as run_dump
 from pipeline.loader import ActivationLoader, massive_rows, split_mask
 from pipeline.store import NORMS, ActivationStore
-from pipeline.train import normalise, run, sample_rows, sparse_decoder_pays
+from pipeline.train import (
+    compile_pays,
+    compiled_penalty_terms,
+    normalise,
+    penalty_terms,
+    run,
+    sample_rows,
+    sparse_decoder_pays,
+)
 from tests.tiny import TEXT
 
 
@@ -206,6 +215,37 @@ def test_training_from_a_float8_store_matches_bfloat16(tiny_store, tmp_path):
     fp8 = run(_params(tmp_path / "fp8", base), progress=False)
     assert fp8["mean"]["nmse"] == pytest.approx(bf16["mean"]["nmse"], rel=0.05)
     assert fp8["mean"]["l0"] == pytest.approx(bf16["mean"]["l0"], rel=0.1)
+
+
+def test_compiled_penalty_terms_equal_eager():
+    """`train.compile`'s fused JumpReLU terms: the eager values and gradients."""
+    h = torch.randn(3, 40, 24, dtype=torch.bfloat16, requires_grad=True)
+    acts = torch.relu(h.detach().float() - 0.5).bfloat16().requires_grad_()
+    threshold = torch.full((3, 1, 24), 0.5, requires_grad=True)
+    norms = (torch.rand(3, 1, 24) + 0.5).requires_grad_()
+    results = []
+    for fn in (penalty_terms, compiled_penalty_terms()):
+        sparsity, pre_act = fn(acts, h, threshold, norms, 1.5)
+        grads = torch.autograd.grad(sparsity + 0.1 * pre_act, (acts, h, threshold, norms))
+        results.append((sparsity, pre_act, *grads))
+    for eager, fused in zip(*results):
+        torch.testing.assert_close(fused.float(), eager.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_training_with_compile_matches_eager(tiny_store, tmp_path):
+    eager = run(_params(tmp_path / "eager", tiny_store, compile=False), progress=False)
+    fused = run(_params(tmp_path / "fused", tiny_store, compile=True), progress=False)
+    assert fused["mean"]["nmse"] == pytest.approx(eager["mean"]["nmse"], rel=1e-3)
+    assert fused["mean"]["l0"] == pytest.approx(eager["mean"]["l0"], rel=1e-2)
+
+
+def test_compile_is_chosen_for_big_steps_only():
+    cfg = parse_params({"train": {}}).train  # the defaults: 1024 tokens x 256 features
+    cpu = torch.device("cpu")
+    assert compile_pays(cfg, 30, cpu) == (shutil.which("g++") is not None)
+    assert not compile_pays(cfg, 3, cpu)  # 1024 x 3 x 256 values: not worth a compile
+    assert not compile_pays(dataclasses.replace(cfg, activation="topk"), 30, cpu)
+    assert compile_pays(dataclasses.replace(cfg, compile=True), 3, cpu)
 
 
 def test_normalisation_gives_root_d_norms(tiny_store):
