@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import shutil
+import sysconfig
 from dataclasses import asdict
 from pathlib import Path
 
@@ -141,7 +142,11 @@ def compile_pays(cfg: TrainConfig, n_layers: int, device: torch.device) -> bool:
         return cfg.compile
     if cfg.activation != "jumprelu" or cfg.batch_size * n_layers * cfg.d_transcoder < COMPILE_MIN_VALUES:
         return False
-    return device.type == "cuda" or shutil.which(os.environ.get("CXX", "g++")) is not None
+    if device.type == "cuda":
+        return True
+    # Inductor builds a C++ extension for the CPU: it needs a compiler and Python's headers.
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return shutil.which(os.environ.get("CXX", "g++")) is not None and headers.is_file()
 
 
 def loss_terms(
