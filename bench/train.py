@@ -14,7 +14,8 @@
    sparse path's activation gradient also covers the STE window: inactive pairs at the
    rate measured on the default transcoder (2.9 per token of 256 features, 1.1%).
 3. `--full-step`: whole training steps (`Trainer.train_step`: forward, loss, backward,
-   Adam), dense vs. sparse decoder, interleaved, on synthetic inputs of the default model's
+   Adam), dense vs. sparse decoder, each with the JumpReLU terms eager and compiled
+   (`train.compile`), interleaved, on synthetic inputs of the default model's
    shapes (no activation store needed), at d_transcoder 256 and `--d-transcoder-big`, L0
    16 and 32. b_enc is set so each feature fires on L0 / d_transcoder of the tokens and the
    learning rate is tiny, so that L0 stays put while timing (Adam costs the same at any rate).
@@ -133,6 +134,14 @@ def compare_decoders(params, d_transcoder_big: int, reps: int) -> None:
             )
 
 
+STEP_VARIANTS = {  # name: (sparse decoder, compiled JumpReLU terms)
+    "dense": (False, False),
+    "sparse": (True, False),
+    "dense+compile": (False, True),
+    "sparse+compile": (True, True),
+}
+
+
 def full_step_seconds(cfg, n_layers: int, d_model: int, l0: int, reps: int) -> dict[str, float]:
     """Median seconds of a whole training step with each decoder, and the L0 measured:
     {"dense": s, "sparse": s, "l0": l0, "auto": whether `auto` picks sparse there}."""
@@ -142,14 +151,18 @@ def full_step_seconds(cfg, n_layers: int, d_model: int, l0: int, reps: int) -> d
     batch = Batch(x=x, y=torch.randn_like(x))
     cfg = dataclasses.replace(cfg, init_rate=l0 / cfg.d_transcoder, lr=1e-9, warmup_steps=0)
     cpu = torch.device("cpu")
+    variants = STEP_VARIANTS
     trainers = {
         name: Trainer.from_inputs(
-            copy.deepcopy(model), dataclasses.replace(cfg, sparse_decoder=name == "sparse"), x, device=cpu
+            copy.deepcopy(model),
+            dataclasses.replace(cfg, sparse_decoder=sparse, compile=fused),
+            x,
+            device=cpu,
         )
-        for name in ("dense", "sparse")
+        for name, (sparse, fused) in variants.items()
     }
     times, l0s = {}, []
-    for name in ["dense", "sparse"] * (reps + 1):  # interleaved; the first of each is a warm-up
+    for name in list(variants) * (reps + 1):  # interleaved; the first of each is a warm-up (and compile)
         start = time.perf_counter()
         record = trainers[name].train_step(batch)
         times.setdefault(name, []).append(time.perf_counter() - start)
@@ -173,7 +186,10 @@ def compare_full_steps(params, d_transcoder_big: int, n_layers: int | None, reps
             print(
                 f"step, d_transcoder={d_tc}, L0={t['l0']:.1f}: dense {t['dense']:.3f} s, "
                 f"sparse {t['sparse']:.3f} s, dense/sparse {t['dense'] / t['sparse']:.2f}x, "
-                f"auto picks {'sparse' if t['auto'] else 'dense'}",
+                f"auto picks {'sparse' if t['auto'] else 'dense'}; compiled terms: dense "
+                f"{t['dense+compile']:.3f} s, sparse {t['sparse+compile']:.3f} s, dense/sparse "
+                f"{t['dense+compile'] / t['sparse+compile']:.2f}x; dense / best "
+                f"{t['dense'] / min(t[k] for k in STEP_VARIANTS):.2f}x",
                 flush=True,
             )
 
