@@ -41,7 +41,7 @@ from pipeline.config import load_params
 from pipeline.loader import ActivationLoader, Batch
 from pipeline.runtime import torch_dtype
 from pipeline.store import ActivationStore
-from pipeline.train import Trainer, sparse_decoder_pays
+from pipeline.train import Trainer
 
 WINDOW_RATE = 2.9 / 256  # inactive pairs in the STE window, per feature (default transcoder)
 
@@ -143,8 +143,9 @@ STEP_VARIANTS = {  # name: (sparse decoder, compiled JumpReLU terms)
 
 
 def full_step_seconds(cfg, n_layers: int, d_model: int, l0: int, reps: int) -> dict[str, float]:
-    """Median seconds of a whole training step with each decoder, and the L0 measured:
-    {"dense": s, "sparse": s, "l0": l0, "auto": whether `auto` picks sparse there}."""
+    """Median seconds of a whole training step with each variant, and the L0 measured:
+    {"dense": s, "sparse": s, ..., "l0": l0, "auto": whether `sparse_decoder: auto` picks
+    sparse there (its own timing, on the first step of a fresh trainer)}."""
     torch.manual_seed(0)
     model = CrossLayerTranscoder(CLTShape(n_layers, d_model, cfg.d_transcoder))
     x = torch.randn(cfg.batch_size, n_layers, d_model)
@@ -169,7 +170,10 @@ def full_step_seconds(cfg, n_layers: int, d_model: int, l0: int, reps: int) -> d
         l0s.append(record["l0"])
     out = {k: statistics.median(v[1:]) for k, v in times.items()}
     l0 = statistics.median(l0s)
-    return {**out, "l0": l0, "auto": sparse_decoder_pays(cfg.d_transcoder, l0)}
+    auto = Trainer.from_inputs(
+        copy.deepcopy(model), dataclasses.replace(cfg, sparse_decoder="auto"), x, device=cpu
+    )
+    return {**out, "l0": l0, "auto": auto.train_step(batch)["sparse_decoder"]}
 
 
 def compare_full_steps(params, d_transcoder_big: int, n_layers: int | None, reps: int) -> None:

@@ -313,8 +313,9 @@ class TrainConfig(Section):
     of a batch's loss and gradient); 0 keeps every token. Validation keeps every token."""
     sparse_decoder: Literal["auto", True, False] = "auto"
     """Token-level sparse decoder (touch only the active (token, feature) pairs; the same
-    result to rounding): `auto` picks it or the dense one at each step by their measured
-    cost at the last step's L0 (`pipeline.train.sparse_decoder_pays`); true / false force it."""
+    result to rounding): `auto` decodes dense below 2048 features per layer, and from there
+    times both on the first step and again whenever L0 has doubled or halved, keeping the
+    faster (`pipeline.train.Trainer.pick_decoder`); true / false force it."""
     compile: Literal["auto", True, False] = "auto"
     """Fuse the JumpReLU loss's sparsity and pre-activation terms (passes over every
     (layer, token, feature)) with `torch.compile` (`pipeline.train.penalty_terms`): 3x faster

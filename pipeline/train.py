@@ -36,6 +36,7 @@ import math
 import os
 import shutil
 import sysconfig
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -203,22 +204,51 @@ def build_optimizer(model: CrossLayerTranscoder, cfg: TrainConfig, device: torch
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
 
 
-SPARSE_MAX_L0_FRACTION = 1 / 200
-"""`sparse_decoder: auto` decodes sparse while L0 <= d_transcoder * this (see `sparse_decoder_pays`)."""
 SPARSE_MIN_D_TRANSCODER = 2048
-"""... and d_transcoder is at least this."""
+"""`sparse_decoder: auto` always decodes dense below this many features per layer (there
+the dense step measured faster at every L0, and a fixed choice keeps small runs
+bit-for-bit reproducible); from it on it times both (`decoder_seconds`)."""
+RETIME_L0_FACTOR = 2.0
+"""`auto` times the decoders again once L0 has moved this factor from where they were last timed."""
+SWITCH_MARGIN = 0.9
+"""... and switches only to a decoder that took less than this fraction of the other's time."""
 
 
-def sparse_decoder_pays(d_transcoder: int, l0: float) -> bool:
-    """Whether a training step with the token-level sparse decoder is expected to be faster
-    than with the dense one, at `l0` active features per layer and token.
+def decoder_seconds(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, lam: float) -> dict[str, float]:
+    """Seconds of the step's forward and backward pass on (x, y) with the dense and with
+    the sparse decoder, each the faster of two runs (the first of each pays allocation and
+    compilation), gradients discarded; under torchrun the slowest rank's, so that every
+    rank picks the same."""
+    model, device = trainer.model, trainer.device
+    seconds = {"dense": math.inf, "sparse": math.inf}
+    for name in ["dense", "sparse"] * 2:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        start = time.perf_counter()
+        terms = loss_terms(
+            model,
+            x,
+            y,
+            lam=lam,
+            cfg=trainer.cfg,
+            bandwidth=trainer.bandwidth,
+            sparse=name == "sparse",
+            compiled=trainer.compiled,
+        )
+        terms["total"].backward()
+        synchronize(device)
+        seconds[name] = min(seconds[name], time.perf_counter() - start)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if model.feature_shard is not None:
+        both = torch.tensor([seconds["dense"], seconds["sparse"]], device=device)
+        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+        seconds = dict(zip(("dense", "sparse"), both.tolist()))
+    return seconds
 
-    The dense decoder's cost grows with d_transcoder, the sparse one's with L0, and the rest
-    of the step (encoder, the loss over every (layer, token, feature), Adam) is the same for
-    both. Calibrated by `python -m bench.train --full-step --n-layers 8` (docs/results.md):
-    at d_transcoder 4096 the sparse step is 1.28x faster at L0 17 (1/240 of the features)
-    and 0.82x at L0 33 (1/124); at 256 it is slower at every L0 (0.6x)."""
-    return d_transcoder >= SPARSE_MIN_D_TRANSCODER and l0 <= d_transcoder * SPARSE_MAX_L0_FRACTION
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def sync_gradients(model: CrossLayerTranscoder, stats: torch.Tensor) -> torch.Tensor:
@@ -300,19 +330,33 @@ class Trainer:
         self.steps_done = 0
         self.history: list[dict] = []
 
-    def uses_sparse_decoder(self) -> bool:
-        """Whether the next step decodes sparse: `train.sparse_decoder`, or for `auto` the
-        cheaper by `sparse_decoder_pays` at the last step's L0 (at the first step, the L0 of
-        the initialisation). A function of the run's own history, so a resumed or repeated
-        run makes the same choices."""
+    def pick_decoder(self, x: torch.Tensor, y: torch.Tensor, lam: float) -> dict:
+        """How this step decodes: {"sparse_decoder": bool}, from `train.sparse_decoder`, or
+        for `auto` by measured cost: dense below `SPARSE_MIN_D_TRANSCODER` features; else
+        the last timed choice, timed again (`decoder_seconds`, kept in the step's record
+        with its L0 as `timed_l0`) at the first step and whenever the last step's L0 has moved
+        `RETIME_L0_FACTOR` from there, switching only past `SWITCH_MARGIN`. The choices
+        are kept in the run's history, so a resumed run goes on from the same one."""
         cfg = self.cfg
         if cfg.sparse_decoder != "auto":
-            return cfg.sparse_decoder
-        if self.history:
-            l0 = self.history[-1]["l0"]
+            return {"sparse_decoder": cfg.sparse_decoder}
+        if cfg.d_transcoder < SPARSE_MIN_D_TRANSCODER:
+            return {"sparse_decoder": False}
+        timed = next((r for r in reversed(self.history) if "decoder_seconds" in r), None)
+        l0 = self.history[-1]["l0"] if self.history else None
+        if timed is not None:
+            ratio = max(l0, 1e-6) / max(timed["timed_l0"], 1e-6)
+            if 1 / RETIME_L0_FACTOR < ratio < RETIME_L0_FACTOR:
+                return {"sparse_decoder": self.history[-1]["sparse_decoder"]}
+        seconds = decoder_seconds(self, x, y, lam)
+        if timed is None:
+            sparse = seconds["sparse"] < seconds["dense"]
         else:
-            l0 = cfg.init_rate * cfg.d_transcoder if cfg.activation == "jumprelu" else cfg.k
-        return sparse_decoder_pays(cfg.d_transcoder, l0)
+            sparse = self.history[-1]["sparse_decoder"]
+            current, other = ("sparse", "dense") if sparse else ("dense", "sparse")
+            if seconds[other] < SWITCH_MARGIN * seconds[current]:
+                sparse = not sparse
+        return {"sparse_decoder": sparse, "decoder_seconds": seconds}
 
     def state_dict(self) -> dict:
         """What a checkpoint holds (`Checkpoint.save`'s arguments): `tensors`, by name this
@@ -371,7 +415,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         lam = sparsity_lambda_at(step, cfg)
-        sparse = self.uses_sparse_decoder()
+        decoder = self.pick_decoder(x, y, lam)
+        sparse = decoder["sparse_decoder"]
         terms = loss_terms(
             model, x, y, lam=lam, cfg=cfg, bandwidth=self.bandwidth, sparse=sparse, compiled=self.compiled
         )
@@ -401,7 +446,10 @@ class Trainer:
             "l0": l0.item(),
             "lambda": lam,
             "lr": lr_at(step, cfg),
+            **decoder,
         }
+        if "decoder_seconds" in decoder:
+            record["timed_l0"] = record["l0"]
         self.history.append(record)
         self.steps_done += 1
         return record
@@ -503,7 +551,16 @@ def write_metrics(folder: Path, metrics: dict, history: list[dict]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with open(folder / "train_curve.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "loss", "mse", "nmse", "l0", "lambda", "lr"])
+        fields = [
+            "step",
+            "loss",
+            "mse",
+            "nmse",
+            "l0",
+            "lambda",
+            "lr",
+        ]  # the decoder timings stay in the checkpoint
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
 

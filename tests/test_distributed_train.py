@@ -63,6 +63,15 @@ def assert_same_transcoder(a: Path, b: Path) -> None:
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_two_processes_time_the_decoders_alike(tiny_store, tmp_path):  # noqa: F811
+    """At 2048 features `sparse_decoder: auto` times both decoders on the first step; the
+    ranks take the slowest rank's timings (one all-reduce), so the run goes through."""
+    raw = _raw(tmp_path / "two", tiny_store, d_transcoder=2048, n_steps=3)
+    ok(torchrun(tmp_path / "two", raw))
+    metrics = yaml.safe_load((tmp_path / "two" / "metrics" / "train.json").read_text())
+    assert metrics["mean"]["l0"] > 0
+
+
 @pytest.mark.parametrize(
     "train",
     [{}, {"activation": "topk", "k": 4}, {"max_grad_norm": 1.0}],

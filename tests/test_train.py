@@ -2,6 +2,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -11,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import loader
+from pipeline import loader, train
 from pipeline.checkpoint import Checkpoint
-from pipeline.clt import load_transcoder
-from pipeline.config import parse_params
+from pipeline.clt import CLTShape, CrossLayerTranscoder, load_transcoder
+from pipeline.config import TrainConfig, parse_params
 from pipeline.dump import run as run_dump
-from pipeline.loader import ActivationLoader, massive_rows, split_mask
+from pipeline.loader import ActivationLoader, Batch, massive_rows, split_mask
 from pipeline.store import NORMS, ActivationStore
 from pipeline.train import (
     compile_pays,
@@ -25,7 +26,6 @@ from pipeline.train import (
     penalty_terms,
     run,
     sample_rows,
-    sparse_decoder_pays,
 )
 from tests.tiny import TEXT
 
@@ -346,11 +346,68 @@ def test_bfloat16_training_matches_float32(tiny_store, tmp_path):
     assert bf16["mean"]["l0"] == pytest.approx(fp32["mean"]["l0"], rel=0.05, abs=0.2)
 
 
-def test_auto_decoder_choice_follows_the_cost_rule(tiny_store, tmp_path):
-    assert sparse_decoder_pays(4096, 16) and not sparse_decoder_pays(4096, 32)
-    assert not sparse_decoder_pays(256, 1)  # small dictionaries always decode dense
+def test_sparse_decoder_param(tiny_store, tmp_path):
     assert _params(tmp_path, tiny_store).train.sparse_decoder == "auto"
     for value in (True, False):
         assert _params(tmp_path, tiny_store, sparse_decoder=value).train.sparse_decoder is value
     with pytest.raises(ValueError, match=r"`train\.sparse_decoder` must be one of auto, True, False"):
         _params(tmp_path, tiny_store, sparse_decoder="yes")
+
+
+def _tiny_trainer(**cfg) -> tuple[train.Trainer, Batch]:
+    """A trainer of 2 layers x 64 features on random inputs, and a batch for it."""
+    torch.manual_seed(0)
+    model = CrossLayerTranscoder(CLTShape(n_layers=2, d_model=16, d_transcoder=64))
+    x = torch.randn(128, 2, 16)
+    config = dataclasses.replace(TrainConfig(), batch_size=128, compute_dtype="float32", compile=False, **cfg)
+    trainer = train.Trainer.from_inputs(model, config, x, device=torch.device("cpu"))
+    return trainer, Batch(x=x, y=torch.randn_like(x))
+
+
+def test_auto_decoder_is_timed_at_the_start_and_when_l0_moves(monkeypatch):
+    """`auto` times both decoders on the first step, keeps the faster until the L0 has
+    doubled or halved, then times again and switches only to a clearly faster one; a
+    resumed run goes on with the recorded choice without timing."""
+    timings = iter(
+        [{"dense": 1.0, "sparse": 0.5}, {"dense": 0.95, "sparse": 1.0}, {"dense": 0.5, "sparse": 1.0}]
+    )
+    timed_at = []
+
+    def fake_seconds(trainer, x, y, lam):
+        timed_at.append(trainer.steps_done)
+        return next(timings)
+
+    monkeypatch.setattr(train, "decoder_seconds", fake_seconds)
+    monkeypatch.setattr(train, "SPARSE_MIN_D_TRANSCODER", 64)
+    trainer, batch = _tiny_trainer(sparse_decoder="auto")
+    picks = [trainer.train_step(batch)["sparse_decoder"] for _ in range(2)]
+    history = trainer.history
+    history[-1]["l0"] = history[0]["timed_l0"] * 2.5  # L0 moved: timed again, within the margin
+    picks.append(trainer.train_step(batch)["sparse_decoder"])
+    history[-1]["l0"] = history[2]["timed_l0"] / 2.5  # moved again: dense now clearly faster
+    picks.append(trainer.train_step(batch)["sparse_decoder"])
+    assert timed_at == [0, 2, 3] and picks == [True, True, True, False]
+    assert history[0]["decoder_seconds"] == {"dense": 1.0, "sparse": 0.5}
+    resumed, _ = _tiny_trainer(sparse_decoder="auto")
+    resumed.load_state_dict(trainer.state_dict())
+    assert resumed.train_step(batch)["sparse_decoder"] is False and timed_at == [0, 2, 3]
+
+
+def test_auto_decoder_is_dense_for_small_dictionaries_and_flags_are_not_timed(monkeypatch):
+    monkeypatch.setattr(train, "decoder_seconds", lambda *args: pytest.fail("timed"))
+    for value, sparse in (("auto", False), (True, True), (False, False)):
+        trainer, batch = _tiny_trainer(sparse_decoder=value)
+        assert trainer.train_step(batch)["sparse_decoder"] is sparse
+
+
+def test_timing_the_decoders_leaves_the_step_unchanged(monkeypatch):
+    """The timed passes leave no gradient behind: the step equals one made with the
+    chosen decoder directly."""
+    monkeypatch.setattr(train, "SPARSE_MIN_D_TRANSCODER", 64)
+    timed, batch = _tiny_trainer(sparse_decoder="auto")
+    record = timed.train_step(batch)
+    assert all(0 < s < math.inf for s in record["decoder_seconds"].values())
+    direct, _ = _tiny_trainer(sparse_decoder=record["sparse_decoder"])
+    direct.train_step(batch)
+    for (name, a), b in zip(timed.model.named_parameters(), direct.model.parameters()):
+        assert torch.equal(a, b), name
