@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.clt import CLTShape, CrossLayerTranscoder, export_transcoder
+from pipeline.clt_ops import needs_grad_mask, ste_window
 from pipeline.config import Params, TrainConfig
 from pipeline.distributed import World, barrier, broadcast_object, fault, local_device, world
 from pipeline.loader import ActivationLoader, Batch, rows_mask
@@ -119,17 +120,40 @@ def penalty_terms(
     """The JumpReLU loss's sparsity term sum tanh(c * a * ||W_dec||) and pre-activation term
     sum relu(threshold - h) * ||W_dec|| (summed over layers and features, averaged over
     tokens), in float32. Eager, each is several passes over the (n_layers, n_tokens, d_tc)
-    tensors forward and backward, and saves float32 copies of them; compiled
-    (`compiled_penalty_terms`), one fused loop each way."""
+    tensors forward and backward, and saves float32 copies of them; `jumprelu_terms`
+    fuses them with the activation."""
     sparsity = torch.tanh(c * acts.float() * norms).sum(dim=(0, 2)).mean()
     pre_act = (torch.relu(threshold - h.float()) * norms).sum(dim=(0, 2)).mean()
     return sparsity, pre_act
 
 
+def jumprelu_terms(
+    h: torch.Tensor,
+    log_threshold: torch.Tensor,
+    norms: torch.Tensor,
+    bandwidth: float,
+    c: float,
+    grad_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """From pre-activations h (n_layers, n_tokens, d_tc): the JumpReLU activations with
+    the threshold's straight-through gradient (as `clt_ops.jumprelu`), `penalty_terms`,
+    and with `grad_mask` the sparse decoder's `clt_ops.needs_grad_mask`, in plain ops so
+    that `torch.compile` fuses the whole chain into one loop forward and one backward
+    (`compiled_jumprelu_terms`; eager it is ~30 passes over h). The STE is a term whose
+    value is 0 and whose gradient with respect to the threshold is -(threshold /
+    bandwidth) * rect((h - threshold) / bandwidth) times dL/da."""
+    threshold = log_threshold.exp()[:, None]
+    fixed = threshold.detach()
+    ste = (threshold - fixed) * (-(fixed / bandwidth)) * ste_window(h, fixed, bandwidth)
+    acts = h * (h > fixed) + ste.to(h.dtype)
+    sparsity, pre_act = penalty_terms(acts, h, threshold, norms, c)
+    return acts, sparsity, pre_act, needs_grad_mask(h, fixed, bandwidth) if grad_mask else None
+
+
 @functools.cache
-def compiled_penalty_terms():
-    """`penalty_terms` compiled once per process (shapes are fixed within a run)."""
-    return torch.compile(penalty_terms, dynamic=False)
+def compiled_jumprelu_terms():
+    """`jumprelu_terms` compiled once per process (shapes are fixed within a run)."""
+    return torch.compile(jumprelu_terms, dynamic=False)
 
 
 COMPILE_MIN_VALUES = 1 << 22
@@ -162,23 +186,32 @@ def loss_terms(
     compiled: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The paper's loss on normalised (x, y), each (n_tokens, n_layers, d_model), decoding
-    with the token-level sparse decoder when `sparse`, its JumpReLU terms fused by
-    `torch.compile` when `compiled` (`penalty_terms`).
+    with the token-level sparse decoder when `sparse`, the JumpReLU activation and its loss
+    terms fused by `torch.compile` when `compiled` (`jumprelu_terms`).
 
     The transcoder computes in `cfg.compute_dtype` (bfloat16: its float32 parameters cast
     once per step; every matmul accumulates in float32); the threshold, the loss terms and
     the optimizer stay float32."""
-    compute_dtype = torch_dtype(cfg.compute_dtype)
-    h, acts, recon = model(x.to(compute_dtype), bandwidth=bandwidth, sparse=sparse)
+    x = x.to(torch_dtype(cfg.compute_dtype))
+    jumprelu = model.shape.activation == "jumprelu"
+    penalties = None
+    if jumprelu and compiled:
+        h = model.pre_acts(x)
+        norms = model.decoder_norms()[:, None]  # (n_layers, 1, d_tc), fp32
+        acts, *penalties, grad_mask = compiled_jumprelu_terms()(
+            h, model.log_threshold, norms, bandwidth, cfg.sparsity_c, sparse
+        )
+        recon = model.decode(acts, sparse=sparse, grad_mask=grad_mask)
+    else:
+        h, acts, recon = model(x, bandwidth=bandwidth, sparse=sparse)
+        if jumprelu:
+            norms = model.decoder_norms()[:, None]
+            penalties = penalty_terms(acts, h, model.threshold[:, None], norms, cfg.sparsity_c)
     mse = F.mse_loss(recon.float(), y, reduction="sum") / len(y)
     terms = {"mse": mse, "acts": acts.detach()}
     total = mse
-    if model.shape.activation == "jumprelu":
-        norms = model.decoder_norms()[
-            :, None
-        ]  # (n_layers, 1, d_tc), fp32; acts, h (n_layers, n_tokens, d_tc)
-        terms_fn = compiled_penalty_terms() if compiled else penalty_terms
-        sparsity, pre_act = terms_fn(acts, h, model.threshold[:, None], norms, cfg.sparsity_c)
+    if penalties is not None:
+        sparsity, pre_act = penalties
         total = total + lam * sparsity + cfg.pre_act_coef * pre_act
         terms.update(sparsity=sparsity, pre_act=pre_act)
     terms["total"] = total

@@ -15,13 +15,14 @@ import torch
 from pipeline import loader, train
 from pipeline.checkpoint import Checkpoint
 from pipeline.clt import CLTShape, CrossLayerTranscoder, load_transcoder
+from pipeline.clt_ops import jumprelu, needs_grad_mask
 from pipeline.config import TrainConfig, parse_params
 from pipeline.dump import run as run_dump
 from pipeline.loader import ActivationLoader, Batch, massive_rows, split_mask
 from pipeline.store import NORMS, ActivationStore
 from pipeline.train import (
     compile_pays,
-    compiled_penalty_terms,
+    compiled_jumprelu_terms,
     normalise,
     penalty_terms,
     run,
@@ -217,19 +218,31 @@ def test_training_from_a_float8_store_matches_bfloat16(tiny_store, tmp_path):
     assert fp8["mean"]["l0"] == pytest.approx(bf16["mean"]["l0"], rel=0.1)
 
 
-def test_compiled_penalty_terms_equal_eager():
-    """`train.compile`'s fused JumpReLU terms: the eager values and gradients."""
-    h = torch.randn(3, 40, 24, dtype=torch.bfloat16, requires_grad=True)
-    acts = torch.relu(h.detach().float() - 0.5).bfloat16().requires_grad_()
-    threshold = torch.full((3, 1, 24), 0.5, requires_grad=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_jumprelu_terms_equal_the_eager_activation_and_terms(dtype):
+    """`train.compile`'s fused activation, STE and loss terms: the values and gradients
+    of `clt_ops.jumprelu` + `penalty_terms` + `needs_grad_mask`."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 40, 24, dtype=dtype, requires_grad=True)
+    log_threshold = torch.full((3, 24), math.log(0.5)).add_(torch.rand(3, 24) * 0.3).requires_grad_()
     norms = (torch.rand(3, 1, 24) + 0.5).requires_grad_()
-    results = []
-    for fn in (penalty_terms, compiled_penalty_terms()):
-        sparsity, pre_act = fn(acts, h, threshold, norms, 1.5)
-        grads = torch.autograd.grad(sparsity + 0.1 * pre_act, (acts, h, threshold, norms))
-        results.append((sparsity, pre_act, *grads))
+    weight = torch.randn(3, 40, 24, dtype=dtype)  # a loss that uses the activations
+    bandwidth, results = 0.4, []
+    for fused in (False, True):
+        if fused:
+            acts, sparsity, pre_act, mask = compiled_jumprelu_terms()(
+                h, log_threshold, norms, bandwidth, 1.5, True
+            )
+        else:
+            threshold = log_threshold.exp()[:, None]
+            acts = jumprelu(h, threshold, bandwidth)
+            sparsity, pre_act = penalty_terms(acts, h, threshold, norms, 1.5)
+            mask = needs_grad_mask(h, threshold, bandwidth)
+        loss = (acts * weight).float().sum() + sparsity + 0.1 * pre_act
+        results.append((acts, sparsity, pre_act, mask, *torch.autograd.grad(loss, (h, log_threshold, norms))))
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
     for eager, fused in zip(*results):
-        torch.testing.assert_close(fused.float(), eager.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused.float(), eager.float(), **tol)
 
 
 def test_training_with_compile_matches_eager(tiny_store, tmp_path):
