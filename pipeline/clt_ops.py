@@ -53,6 +53,15 @@ def jumprelu(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torc
     return _JumpReLU.apply(h, threshold, bandwidth)
 
 
+def jumprelu_ops(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """`jumprelu` in plain differentiable ops, which `torch.compile` fuses with the ops
+    around it (eager, the autograd Function keeps less memory): the STE is a term whose
+    value is 0 and whose gradient with respect to the threshold is the Function's."""
+    fixed = threshold.detach()
+    ste = (threshold - fixed) * (-(fixed / bandwidth)) * ste_window(h, fixed, bandwidth)
+    return h * (h > fixed) + ste.to(h.dtype)
+
+
 def ste_window(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
     """Where the threshold's straight-through estimator is nonzero: |h - threshold| < bandwidth / 2.
 

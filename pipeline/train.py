@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.clt import CLTShape, CrossLayerTranscoder, export_transcoder
-from pipeline.clt_ops import needs_grad_mask, ste_window
+from pipeline.clt_ops import jumprelu_ops, needs_grad_mask
 from pipeline.config import Params, TrainConfig
 from pipeline.distributed import World, barrier, broadcast_object, fault, local_device, world
 from pipeline.loader import ActivationLoader, Batch, rows_mask
@@ -139,15 +139,11 @@ def jumprelu_terms(
     the threshold's straight-through gradient (as `clt_ops.jumprelu`), `penalty_terms`,
     and with `grad_mask` the sparse decoder's `clt_ops.needs_grad_mask`, in plain ops so
     that `torch.compile` fuses the whole chain into one loop forward and one backward
-    (`compiled_jumprelu_terms`; eager it is ~30 passes over h). The STE is a term whose
-    value is 0 and whose gradient with respect to the threshold is -(threshold /
-    bandwidth) * rect((h - threshold) / bandwidth) times dL/da."""
+    (`compiled_jumprelu_terms`; eager it is ~30 passes over h)."""
     threshold = log_threshold.exp()[:, None]
-    fixed = threshold.detach()
-    ste = (threshold - fixed) * (-(fixed / bandwidth)) * ste_window(h, fixed, bandwidth)
-    acts = h * (h > fixed) + ste.to(h.dtype)
+    acts = jumprelu_ops(h, threshold, bandwidth)
     sparsity, pre_act = penalty_terms(acts, h, threshold, norms, c)
-    return acts, sparsity, pre_act, needs_grad_mask(h, fixed, bandwidth) if grad_mask else None
+    return acts, sparsity, pre_act, needs_grad_mask(h, threshold.detach(), bandwidth) if grad_mask else None
 
 
 @functools.cache
