@@ -296,6 +296,13 @@ class TrainConfig(Section):
     """c inside the tanh of the sparsity penalty."""
     pre_act_coef: Annotated[float, Ge(0)] = 3e-6
     """Coefficient of relu(threshold - h) * ||W_dec_f||, which revives dead features."""
+    encoder_init: Literal["uniform", "transpose"] = "uniform"
+    """`uniform`: W_enc ~ U(+-1/sqrt(d_transcoder)), independent of the decoder (the paper's);
+    `transpose`: each feature's encoder column is its decoder row to its own layer, rescaled to
+    the uniform draw's norm (the encoder starts reading what the feature writes)."""
+    layer0_weight: Annotated[float, Gt(0)] = 1.0
+    """Weight of layer 0's reconstruction error in the MSE (1: every layer alike). Layer 0's
+    error reaches every later layer of the spliced model."""
     init_threshold: Annotated[float, Gt(0)] = 0.1
     """Initial JumpReLU threshold in the normalised space (inputs have E||x|| = sqrt(d_model))."""
     init_rate: Annotated[float, Gt(0), Lt(1)] = 0.05

@@ -206,6 +206,9 @@ def loss_terms(
     mse = F.mse_loss(recon.float(), y, reduction="sum") / len(y)
     terms = {"mse": mse, "acts": acts.detach()}
     total = mse
+    if cfg.layer0_weight != 1:
+        layer0 = F.mse_loss(recon[:, 0].float(), y[:, 0], reduction="sum") / len(y)
+        total = total + (cfg.layer0_weight - 1) * layer0
     if penalties is not None:
         sparsity, pre_act = penalties
         total = total + lam * sparsity + cfg.pre_act_coef * pre_act
@@ -223,7 +226,14 @@ def build_transcoder(store: ActivationStore, cfg: TrainConfig) -> CrossLayerTran
         activation=cfg.activation,
         k=cfg.k,
     )
-    return CrossLayerTranscoder(shape)
+    model = CrossLayerTranscoder(shape)
+    if cfg.encoder_init == "transpose":
+        with torch.no_grad():
+            own = torch.stack([W[:, 0, :] for W in model.W_dec])  # (n_layers, d_tc, d_model)
+            columns = own.transpose(1, 2)  # (n_layers, d_model, d_tc)
+            scale = model.W_enc.norm(dim=1, keepdim=True) / columns.norm(dim=1, keepdim=True)
+            model.W_enc.copy_(columns * scale)
+    return model
 
 
 def build_optimizer(model: CrossLayerTranscoder, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:

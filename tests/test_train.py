@@ -424,3 +424,35 @@ def test_timing_the_decoders_leaves_the_step_unchanged(monkeypatch):
     direct.train_step(batch)
     for (name, a), b in zip(timed.model.named_parameters(), direct.model.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_transpose_init_points_each_encoder_column_along_its_own_layer_decoder_row():
+    torch.manual_seed(0)
+    store = type("S", (), {"schema": type("Schema", (), {"n_layers": 3, "d_model": 16})()})()
+    cfg = dataclasses.replace(TrainConfig(), d_transcoder=32)
+    torch.manual_seed(1)
+    uniform = train.build_transcoder(store, cfg)
+    torch.manual_seed(1)
+    transposed = train.build_transcoder(store, dataclasses.replace(cfg, encoder_init="transpose"))
+    for l in range(3):
+        W_dec, W_enc = transposed.W_dec[l][:, 0, :], transposed.W_enc[l]  # (F, d), (d, F)
+        cosine = torch.nn.functional.cosine_similarity(W_enc.T, W_dec, dim=1)
+        torch.testing.assert_close(cosine, torch.ones(32))
+        torch.testing.assert_close(W_enc.norm(dim=0), uniform.W_enc[l].norm(dim=0))
+        torch.testing.assert_close(transposed.W_dec[l], uniform.W_dec[l])  # the decoder is the same draw
+
+
+def test_layer0_weight_adds_layer0s_squared_error_to_the_loss():
+    trainer, batch = _tiny_trainer()
+    x, y = batch.x, batch.y
+    terms = {
+        w: train.loss_terms(
+            trainer.model, x, y, lam=0.5, cfg=dataclasses.replace(trainer.cfg, layer0_weight=w), bandwidth=0.1
+        )
+        for w in (1.0, 3.0)
+    }
+    with torch.no_grad():
+        recon = trainer.model(x.float(), bandwidth=0.1)[2]
+    layer0 = ((recon[:, 0] - y[:, 0]) ** 2).sum() / len(y)
+    assert terms[3.0]["mse"] == terms[1.0]["mse"]  # the logged MSE stays every layer's, unweighted
+    torch.testing.assert_close(terms[3.0]["total"], terms[1.0]["total"] + 2 * layer0)
