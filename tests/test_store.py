@@ -156,13 +156,24 @@ def test_float8_codec_rounds_to_the_nearest_e4m3_value():
     table = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     table = table[table.isfinite()].double()
     amax = x.abs().amax(-1, keepdim=True).double().clamp_min(1e-30)
-    scaled = x.double() / (amax.float().double() / 448)  # float32 scale, as stored
+    # the smallest bfloat16 >= max / 448, as float32 bytes
+    floor = (amax.float() / 448).bfloat16()
+    bf16_scale = torch.where(floor.float() < (amax.float() / 448), torch.nextafter(floor, floor + 1), floor)
+    scaled = x.double() / bf16_scale.double()
     nearest = table[(scaled.unsqueeze(-1) - table).abs().argmin(-1)]
     got = stored[..., :40].view(torch.float8_e4m3fn).double()
     assert (got == nearest).double().mean() > 0.999  # ties may round either way
     scale = stored[..., 40:].contiguous().view(torch.float32)
-    torch.testing.assert_close(scale, (amax / 448).float())
+    torch.testing.assert_close(scale, bf16_scale.float(), rtol=0, atol=0)
     decoded = decode(stored, FP8)
+    formula = (got.float() * scale).bfloat16()  # docs/formats.md's decode
+    torch.testing.assert_close(decoded, formula, rtol=0, atol=0)
+    # a store with float32 scales (not bfloat16 values) decodes by the formula too
+    odd = stored.clone()
+    odd[..., 40:] = (scale * (1 + 2**-12)).view(torch.uint8)
+    torch.testing.assert_close(
+        decode(odd, FP8), (got.float() * (scale * (1 + 2**-12))).bfloat16(), rtol=0, atol=0
+    )
     assert decoded.dtype == torch.bfloat16
     assert ((decoded.float() - x).abs() <= amax.float() * (2**-4 + 2**-8)).all()
     assert (decoded[0, 0] == 0).all()
