@@ -10,7 +10,8 @@ under `--out/RUN` (the store, the model and the prompts are the repository's, so
 L0 and dead fraction (`metrics/train.json`), CE recovered, KL and top-1
 (`metrics/evaluate.json`), and the mean replacement and completeness scores of the
 prompts' graphs (`metrics/graphs.json`, circuit-tracer's definitions). A run with a
-`row.json` is not run again. The table printed at the end is docs/results.md's format.
+`row.json` is not run again, but one whose graphs were scored with other `graphs:` params
+than `params.yaml`'s runs `clt graphs` again. The table printed at the end is docs/results.md's format.
 Runs are sequential: on a shared machine, runs side by side would time each other.
 """
 
@@ -27,22 +28,35 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-HALF = {"n_steps": 400}
-"""The comparison budget: half the default run's tokens (400 steps of 1,024)."""
+HALF = {"n_steps": 400, "layer0_weight": 1.0}
+"""The comparison budget, half the default run's tokens (400 steps of 1,024), with the
+paper's loss (every layer's error weighted alike)."""
 
 RUNS: dict[str, tuple[str, dict]] = {
-    "base": ("CLT, 256 features, 400 steps (half the default)", HALF),
-    "default": ("CLT, the defaults (800 steps)", {}),
-    "steps-200": ("CLT, 256 features, 200 steps", {"n_steps": 200}),
+    "base": ("CLT, 256 features, 400 steps (half the default), layer 0 weighted 1x", HALF),
+    "default": ("CLT, the defaults (800 steps, layer 0 weighted 16x)", {}),
+    "steps-200": ("CLT, 256 features, 200 steps", {**HALF, "n_steps": 200}),
     "enc-transpose": ("encoder from the decoder's transpose", {**HALF, "encoder_init": "transpose"}),
     "batchtopk-16": ("BatchTopK k 16, exported as JumpReLU", {**HALF, "activation": "batchtopk", "k": 16}),
     "batchtopk-32": ("BatchTopK k 32, exported as JumpReLU", {**HALF, "activation": "batchtopk", "k": 32}),
     "lambda-0.5": ("sparsity_coef 0.5", {**HALF, "sparsity_coef": 0.5}),
-    "d512-200": ("512 features, 200 steps (the time of 256 x 400)", {"d_transcoder": 512, "n_steps": 200}),
+    "d512-200": (
+        "512 features, 200 steps (the time of 256 x 400)",
+        {**HALF, "d_transcoder": 512, "n_steps": 200},
+    ),
     "d512": ("512 features, 400 steps", {**HALF, "d_transcoder": 512}),
     "d1024": ("1024 features, 400 steps", {**HALF, "d_transcoder": 1024}),
     "plt": ("per-layer transcoders, sparsity_coef 2.5", {**HALF, "kind": "plt", "sparsity_coef": 2.5}),
     "layer0-x4": ("layer 0's reconstruction weighted 4x in the MSE", {**HALF, "layer0_weight": 4.0}),
+    "layer0-x8": ("layer 0's reconstruction weighted 8x in the MSE", {**HALF, "layer0_weight": 8.0}),
+    "layer0-x16": (
+        "layer 0's reconstruction weighted 16x in the MSE (the default)",
+        {**HALF, "layer0_weight": 16.0},
+    ),
+    "plt-layer0-x16": (
+        "per-layer transcoders, sparsity_coef 2.5, layer 0 weighted 16x",
+        {**HALF, "kind": "plt", "sparsity_coef": 2.5, "layer0_weight": 16.0},
+    ),
 }
 
 STAGES = ("train", "evaluate", "graphs")
@@ -65,12 +79,15 @@ def write_params(run: str, changes: dict, out: Path) -> Path:
     return path
 
 
-def run_one(run: str, out: Path) -> dict:
+def run_one(run: str, out: Path, previous: dict | None = None) -> dict:
+    """Train, evaluate and score `run` under `out`; given the `previous` row (its graphs scored
+    with other `graphs:` params), only `graphs` runs again."""
     description, changes = RUNS[run]
     out.mkdir(parents=True, exist_ok=True)
     params = write_params(run, changes, out)
-    seconds = {}
-    for stage in STAGES:
+    stages = ("graphs",) if previous else STAGES
+    seconds = {stage: previous[f"{stage}_seconds"] for stage in STAGES} if previous else {}
+    for stage in stages:
         start = time.perf_counter()
         log = (out / f"{stage}.log").open("w")
         cmd = [sys.executable, "-m", "pipeline.cli", stage, "--params", str(params)]
@@ -88,6 +105,7 @@ def run_one(run: str, out: Path) -> dict:
         **{k: metrics["train"]["mean"][k] for k in ("nmse", "l0", "dead_fraction")},
         **{k: metrics["evaluate"][k] for k in ("ce_recovered", "kl_replacement", "top1_agreement")},
         **{k: metrics["graphs"]["mean"][k] for k in ("replacement_score", "completeness_score")},
+        "graphs_params": yaml.safe_load(params.read_text())["graphs"],
     }
     (out / "row.json").write_text(json.dumps(row, indent=2) + "\n")
     return row
@@ -123,10 +141,16 @@ def main() -> None:
     for run in args.runs:
         if run not in RUNS:
             sys.exit(f"unknown run {run!r}; --list shows them")
+    graphs_params = yaml.safe_load((ROOT / "params.yaml").read_text())["graphs"]
     rows = []
     for run in args.runs:
-        done = args.out / run / "row.json"
-        row = json.loads(done.read_text()) if done.is_file() else run_one(run, args.out.resolve() / run)
+        out = args.out.resolve() / run
+        if not (out / "row.json").is_file():
+            row = run_one(run, out)
+        else:
+            row = json.loads((out / "row.json").read_text())
+            if row.get("graphs_params") != graphs_params:
+                row = run_one(run, out, previous=row)
         rows.append(row)
         print(table_row(row), flush=True)
     print(HEADER)
