@@ -3,7 +3,8 @@
     python -m bench.recipe --out /tmp/recipe RUN [RUN ...]
     python -m bench.recipe --list
 
-A run is a named set of `train.*` changes to `params.yaml` (`RUNS`). Each runs
+A run is a named set of `train.*` changes to `params.yaml` (`RUNS`), or another run's
+transcoder fine-tuned on KL (`FINETUNES`, `python -m bench.finetune` in place of `clt train`). Each runs
 `clt train`, `clt evaluate` and `clt graphs` on a copy of the params whose outputs lie
 under `--out/RUN` (the store, the model and the prompts are the repository's, so
 `dvc repro dump` first), and writes `--out/RUN/row.json`: train time, validation NMSE,
@@ -59,6 +60,21 @@ RUNS: dict[str, tuple[str, dict]] = {
     ),
 }
 
+FINETUNES: dict[str, tuple[str, str, dict]] = {
+    "kl-100": (
+        "the defaults, then 100 steps of KL fine-tuning (8 sequences, lr 1e-4, FVU weight 1)",
+        "default",
+        {"steps": 100, "batch_size": 8, "lr": 1e-4, "mse_coef": 1.0},
+    ),
+    "kl-100-lr3e-4": (
+        "the defaults, then 100 steps of KL fine-tuning (8 sequences, lr 3e-4, FVU weight 1)",
+        "default",
+        {"steps": 100, "batch_size": 8, "lr": 3e-4, "mse_coef": 1.0},
+    ),
+}
+"""Runs that fine-tune another run's transcoder on KL to the original model (`python -m
+bench.finetune`, in place of `clt train`): name -> (description, source run, its options)."""
+
 STAGES = ("train", "evaluate", "graphs")
 OUTPUTS = ("transcoder", "metrics", "examples", "features", "graphs", "plots")
 
@@ -82,15 +98,25 @@ def write_params(run: str, changes: dict, out: Path) -> Path:
 def run_one(run: str, out: Path, previous: dict | None = None) -> dict:
     """Train, evaluate and score `run` under `out`; given the `previous` row (its graphs scored
     with other `graphs:` params), only `graphs` runs again."""
-    description, changes = RUNS[run]
+    if run in FINETUNES:
+        description, source, options = FINETUNES[run]
+        changes = {"finetune": {"source": source, **options}}
+        if not (out.parent / source / "row.json").is_file():
+            sys.exit(f"run {run} fine-tunes run {source}'s transcoder: run {source} first")
+    else:
+        description, changes = RUNS[run]
     out.mkdir(parents=True, exist_ok=True)
-    params = write_params(run, changes, out)
+    params = write_params(run, {} if run in FINETUNES else changes, out)
     stages = ("graphs",) if previous else STAGES
     seconds = {stage: previous[f"{stage}_seconds"] for stage in STAGES} if previous else {}
     for stage in stages:
         start = time.perf_counter()
         log = (out / f"{stage}.log").open("w")
         cmd = [sys.executable, "-m", "pipeline.cli", stage, "--params", str(params)]
+        if stage == "train" and run in FINETUNES:
+            cmd = [sys.executable, "-m", "bench.finetune", "--params", str(params)]
+            cmd += ["--source", str(out.parent / source / "transcoder")]
+            cmd += [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
         if subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
             sys.exit(f"run {run}: `{' '.join(cmd)}` failed, see {out / f'{stage}.log'}")
         seconds[stage] = time.perf_counter() - start
@@ -137,9 +163,11 @@ def main() -> None:
     if args.list or not args.runs:
         for name, (description, changes) in RUNS.items():
             print(f"{name:14} {description}  {changes}")
+        for name, (description, source, options) in FINETUNES.items():
+            print(f"{name:14} {description}  from {source}: {options}")
         return
     for run in args.runs:
-        if run not in RUNS:
+        if run not in RUNS and run not in FINETUNES:
             sys.exit(f"unknown run {run!r}; --list shows them")
     graphs_params = yaml.safe_load((ROOT / "params.yaml").read_text())["graphs"]
     rows = []

@@ -1,6 +1,6 @@
 """How much of the model's next-token behaviour the spliced transcoder keeps.
 
-1. `held_out_sequences`: packed sequences from the activation store whose every token
+1. `split_sequences`: packed sequences from the activation store whose every token
    (BOS aside) comes from a validation document (`train.val_fraction`), so the
    transcoder never trained on them.
 2. `evaluate_transcoder`: per batch, the original model, the full replacement
@@ -37,24 +37,25 @@ from pipeline.store import ActivationStore
 logger = logging.getLogger(__name__)
 
 
-def held_out_sequences(store: ActivationStore, val_fraction: float, n_sequences: int) -> np.ndarray:
-    """The first `n_sequences` stored sequences made only of validation tokens (BOS aside):
-    token ids (n, context_len) int64."""
+def split_sequences(store: ActivationStore, split: str, val_fraction: float, n_sequences: int) -> np.ndarray:
+    """The first `n_sequences` stored sequences made only of `split` tokens ("train" or "val",
+    `pipeline.loader.split_mask`; BOS aside): token ids (n, context_len) int64."""
     T = store.schema.context_len
     token_ids = store.array("token_ids")[:].reshape(-1, T)
     doc_ids, positions = store.array("doc_ids")[:], store.array("positions")[:]
     assert (positions.reshape(-1, T)[:, 0] == 0).all(), "every stored sequence starts with BOS"
-    is_val = (split_mask(doc_ids, positions, "val", val_fraction) | (positions == 0)).reshape(-1, T)
-    held_out = np.flatnonzero(is_val.all(axis=1))
-    if len(held_out) == 0:
+    in_split = (split_mask(doc_ids, positions, split, val_fraction) | (positions == 0)).reshape(-1, T)
+    chosen = np.flatnonzero(in_split.all(axis=1))
+    if len(chosen) == 0:
         n_docs = len(np.unique(doc_ids))
+        what, fix = ("validation", "raise") if split == "val" else ("training", "lower")
         raise ValueError(
-            f"no stored sequence in {store.path} is entirely from validation documents (of "
+            f"no stored sequence in {store.path} is entirely from {what} documents (of "
             f"{len(token_ids)} sequences of {T} tokens from {n_docs} documents, "
             f"`train.val_fraction` {val_fraction} held out); dump more tokens from more "
-            "documents, or raise `train.val_fraction` (which retrains the transcoder)"
+            f"documents, or {fix} `train.val_fraction` (which retrains the transcoder)"
         )
-    return token_ids[held_out[:n_sequences]].astype(np.int64)
+    return token_ids[chosen[:n_sequences]].astype(np.int64)
 
 
 def next_token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -150,7 +151,7 @@ def run(params: Params, *, progress: bool = True) -> dict:
             f"`corpus.context_len` is {store.schema.context_len}; evaluating needs >= 3 (BOS, then "
             "at least one prediction from a non-BOS position)"
         )
-    sequences = torch.from_numpy(held_out_sequences(store, params.train.val_fraction, cfg.n_sequences))
+    sequences = torch.from_numpy(split_sequences(store, "val", params.train.val_fraction, cfg.n_sequences))
     logger.info("evaluating on %d held-out sequences of %d tokens", *sequences.shape)
     metrics = evaluate_transcoder(model, transcoder, sequences, batch_size=cfg.batch_size, progress=progress)
     logger.info(

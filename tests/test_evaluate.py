@@ -12,7 +12,7 @@ from pipeline.cli import main as cli
 from pipeline.clt import export_transcoder
 from pipeline.config import parse_params
 from pipeline.dump import run as run_dump
-from pipeline.evaluate import evaluate_transcoder, held_out_sequences
+from pipeline.evaluate import evaluate_transcoder, split_sequences
 from pipeline.model import get_architecture, get_layers, load_pretrained
 from pipeline.splice import splice, zero_ablate
 from pipeline.store import ActivationStore
@@ -183,18 +183,19 @@ def test_zero_transcoder_equals_zero_ablation(tiny_model_dir):
     assert m["kl_replacement"] > 0
 
 
-def test_held_out_sequences_are_validation_only(tiny_run):
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_split_sequences_hold_only_their_split(tiny_run, split):
     from pipeline.loader import split_mask
 
     store = ActivationStore(tiny_run["paths"]["activations"])
-    ids = held_out_sequences(store, 0.2, 1000)
+    ids = split_sequences(store, split, 0.2, 1000)
     assert 0 < len(ids) < store.n_tokens // 16
     T = store.schema.context_len
-    val = split_mask(store.array("doc_ids")[:], store.array("positions")[:], "val", 0.2).reshape(-1, T)
+    mask = split_mask(store.array("doc_ids")[:], store.array("positions")[:], split, 0.2).reshape(-1, T)
     all_ids = store.array("token_ids")[:].reshape(-1, T)
-    val_seqs = {tuple(s) for s, v in zip(all_ids, val) if v[1:].all()}
-    assert {tuple(s) for s in ids} <= val_seqs
-    assert len(held_out_sequences(store, 0.2, 2)) == 2
+    seqs = {tuple(s) for s, v in zip(all_ids, mask) if v[1:].all()}
+    assert {tuple(s) for s in ids} <= seqs
+    assert len(split_sequences(store, split, 0.2, 2)) == 2
 
 
 def test_stage_writes_metrics(tiny_run, tmp_path, monkeypatch):

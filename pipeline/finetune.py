@@ -1,0 +1,133 @@
+"""Fine-tune a trained transcoder on the replacement model's next-token predictions.
+
+The MSE objective of `pipeline.train` fits each layer's reconstruction on the original
+model's activations; once spliced in, the transcoder reads the replacement model's own
+residual stream and its errors compound over 30 layers (top-1 agreement ~30%). This phase
+trains the exported (raw-space) transcoder through the spliced model (`pipeline.splice`),
+the language model frozen, on
+
+    KL(original || replacement)  +  mse_coef * mean over layers of FVU_l
+
+KL averaged over the next-token predictions made at positions >= 1 of training sequences
+(`pipeline.evaluate.split_sequences`); FVU_l, layer l's squared reconstruction error on
+the original model's activations over their variance (the batch's tokens at positions
+>= 1), anchors the local fit the graphs' error nodes measure. Thresholds stay fixed (no
+straight-through gradient), so a feature that fires on no token of a batch is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.clt import CrossLayerTranscoder
+from pipeline.dump import _Target, capture_activations
+from pipeline.evaluate import next_token_logprobs
+from pipeline.splice import splice
+from pipeline.store import ACTIVATIONS
+
+logger = logging.getLogger(__name__)
+
+
+def original_pass(model: nn.Module, ids: torch.Tensor, n_layers: int) -> tuple[torch.Tensor, dict]:
+    """The original model on `ids` (batch, T): its next-token log-probabilities
+    (`next_token_logprobs`) and every layer's MLP input and output at positions >= 1, float32
+    (batch * (T - 1), n_layers, d_model)."""
+    batch, T = ids.shape
+    d_model = model.config.hidden_size
+    target = _Target("float32")
+    target.buffers = {
+        name: torch.empty(batch * T, n_layers, d_model, device=ids.device) for name in ACTIVATIONS
+    }
+    with torch.no_grad(), capture_activations(model, target):
+        logp = next_token_logprobs(model, ids)
+    after_bos = {
+        name: t.view(batch, T, n_layers, d_model)[:, 1:].reshape(-1, n_layers, d_model)
+        for name, t in target.buffers.items()
+    }
+    return logp, after_bos
+
+
+def layer_fvu(
+    transcoder: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each layer's fraction of variance unexplained by the transcoder (n_layers,), and its
+    L0 (active features per layer and token), from MLP inputs and outputs (n, n_layers, d_model)."""
+    acts = transcoder.encode(x)
+    recon = transcoder.decode(acts)
+    err = (recon.float() - y).pow(2).sum(dim=(0, 2))
+    var = (y - y.mean(0)).pow(2).sum(dim=(0, 2)).clamp_min(1e-12)
+    return err / var, (acts.detach() != 0).float().sum(-1).mean()
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Matmuls in `dtype` within the context (for float32: a no-op)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def kl_finetune(
+    model: nn.Module,
+    transcoder: CrossLayerTranscoder,
+    sequences: torch.Tensor,
+    *,
+    n_steps: int,
+    batch_size: int,
+    lr: float,
+    mse_coef: float,
+    compute_dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Fine-tune `transcoder` (raw space, on the model's device) in place for `n_steps` Adam
+    steps of `batch_size` sequences drawn from `sequences` (n, T) without replacement
+    (reshuffled each pass); the learning rate decays linearly to 0. With a `compute_dtype`
+    below float32, the transcoder's matmuls run in it under autocast (its parameters and
+    Adam stay float32). Returns each step's
+    loss, KL, mean FVU and L0 (on the original model's activations, as `layer_fvu`)."""
+    device = next(model.parameters()).device
+    n_layers = transcoder.shape.n_layers
+    was_training = model.training
+    model.eval().requires_grad_(False)
+    params = [p for name, p in transcoder.named_parameters() if name != "log_threshold"]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    history = []
+    bar = tqdm(total=n_steps, desc="kl fine-tune", unit="step", disable=not progress)
+    for step in range(n_steps):
+        if len(order) < batch_size:
+            order += rng.permutation(len(sequences)).tolist()
+        ids = sequences[order[:batch_size]].to(device)
+        del order[:batch_size]
+        logp_orig, acts = original_pass(model, ids, n_layers)
+        with autocast(device, compute_dtype):
+            with splice(model, transcoder, range(n_layers)):
+                logp = next_token_logprobs(model, ids)
+            fvu, l0 = layer_fvu(transcoder, acts["resid_mid"], acts["mlp_out"])
+        kl = (logp_orig.exp() * (logp_orig - logp)).sum(-1).mean()
+        loss = kl + mse_coef * fvu.mean()
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (1 - step / n_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        record = {
+            "step": step,
+            "loss": loss.item(),
+            "kl": kl.item(),
+            "fvu": fvu.mean().item(),
+            "l0": l0.item(),
+        }
+        history.append(record)
+        bar.update(1)
+        bar.set_postfix(kl=f"{record['kl']:.3f}", fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}")
+    bar.close()
+    model.train(was_training)
+    return history
