@@ -177,6 +177,50 @@ def repro(dvc_args: tuple[str, ...]) -> None:
     sys.exit(subprocess.call(["dvc", "repro", *dvc_args]))
 
 
+@main.command("export-corpus")
+@click.argument("source")
+@click.argument("out")
+@click.option(
+    "--n-tokens",
+    required=True,
+    type=click.IntRange(min=1),
+    help="Tokens to export (by the model's tokenizer).",
+)
+@click.option(
+    "--text-field", default=None, help="Column or JSON key of the text (default: corpus.text_field)."
+)
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+def export_corpus(source: str, out: str, n_tokens: int, text_field: str | None, params_path: str) -> None:
+    """Copy the first documents of SOURCE (a file, a folder or `hf:<dataset>[:split]`) to
+    OUT (.jsonl.gz) until they hold N tokens, for a `corpus.path` DVC can track (it cannot
+    track an `hf:` dataset). Tokens are counted by the tokenizer in `paths.model_dir`
+    (`dvc repro model` first); for the store of `dump.n_tokens` tokens, export a few
+    percent more:
+
+        clt export-corpus hf:HuggingFaceFW/fineweb-edu data/corpus/fineweb-edu.jsonl.gz --n-tokens 1100000
+    """
+    from pipeline.corpus import export_documents
+
+    params = load_params(params_path)
+    tokenizer = _load_tokenizer(params.paths.model_dir)
+    field = text_field or params.corpus.text_field
+    export_documents(source, out, tokenizer, n_tokens=n_tokens, text_field=field)
+
+
+@main.command()
+@click.argument("preset_path", metavar="PRESET")
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+def preset(preset_path: str, params_path: str) -> None:
+    """Print a preset's keys (a YAML file of the `params.yaml` keys it changes, such as
+    `presets/gpu.yaml`) as `dvc exp run` overrides, after checking them:
+
+        dvc exp run $(clt preset presets/gpu.yaml)
+    """
+    from pipeline.config import preset_overrides
+
+    click.echo(" ".join(f"-S {o}" for o in preset_overrides(preset_path, params_path)))
+
+
 @main.command()
 @click.argument("store_path", default=None, required=False)
 @click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
@@ -191,7 +235,12 @@ def info(store_path: str | None, params_path: str) -> None:
 
 
 def _load_tokenizer(model_dir: str):
+    from pathlib import Path
+
     from transformers import AutoTokenizer
+
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"no model at {model_dir} (`paths.model_dir`); run `dvc repro model` first")
 
     return AutoTokenizer.from_pretrained(model_dir)
 

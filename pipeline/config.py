@@ -596,3 +596,38 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     with path.open() as f:
         raw = yaml.safe_load(f) or {}
     return parse_params(raw)
+
+
+def preset_overrides(preset: str | Path, base: str | Path = "params.yaml") -> list[str]:
+    """A preset file as `dvc exp run -S` overrides (`section.key=value`, one per key).
+
+    A preset is a YAML mapping of sections to the keys it changes (`presets/gpu.yaml`).
+    It is checked on top of `base` as `params.yaml` would be, so a typo or an out-of-range
+    value fails here, naming `section.key`, and not in the middle of a run. Strings are
+    double-quoted for DVC's (Hydra's) override grammar; since the overrides are meant for
+    the shell's word splitting, `dvc exp run $(clt preset FILE)`, a value may not hold
+    whitespace."""
+    with Path(preset).open() as f:
+        changes = yaml.safe_load(f) or {}
+    with Path(base).open() as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(changes, dict) or not all(isinstance(v, dict) for v in changes.values()):
+        raise ParamsError(f"{preset}: a preset maps sections to mappings of the keys it changes")
+    merged = {name: dict(keys) for name, keys in raw.items()}
+    for name, keys in changes.items():
+        merged.setdefault(name, {}).update(keys)
+    parse_params(merged)
+    overrides = []
+    for name, keys in changes.items():
+        for key, value in keys.items():
+            where = f"{name}.{key}"
+            if isinstance(value, (dict, list)):
+                _fail(where, "a preset sets plain values (a number, a string, true/false or null)")
+            if isinstance(value, str):
+                if re.search(r"\s", value):
+                    _fail(where, f"a preset's string may not hold whitespace, got {value!r}")
+                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            else:
+                text = yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+            overrides.append(f"{where}={text}")
+    return overrides

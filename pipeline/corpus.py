@@ -145,6 +145,63 @@ def iter_documents(path: str, text_field: str = "text") -> Iterator[str]:
             yield from _read_jsonl(file, text_field)
 
 
+def export_documents(
+    source: str,
+    out: str | Path,
+    tokenizer,
+    *,
+    n_tokens: int,
+    text_field: str = "text",
+    batch_docs: int = 256,
+    progress: bool = True,
+) -> tuple[int, int]:
+    """Write the first documents of `source` (anything `corpus.path` takes) to `out`, a
+    .jsonl.gz file of `{"text": ...}` lines, until their tokens reach `n_tokens`.
+
+    For corpora DVC cannot track as a dependency, above all `hf:` datasets (streamed, and
+    not a path): the exported file is one, and the same source gives the same bytes (the
+    gzip header holds no time). Returns (documents, tokens) written."""
+    from tqdm import tqdm
+
+    from pipeline.atomic import staged
+
+    out = Path(out)
+    if not out.name.endswith(".jsonl.gz"):
+        raise ValueError(f"{out}: the exported corpus is a .jsonl.gz file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n_docs = have = 0
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="export", disable=not progress)
+    with staged(out) as tmp, gzip.GzipFile(tmp, "wb", mtime=0) as f:
+        pending: list[str] = []
+
+        def flush() -> None:
+            nonlocal n_docs, have
+            if not pending:
+                return
+            for text, ids in zip(pending, tokenizer(pending, add_special_tokens=False)["input_ids"]):
+                if have >= n_tokens:
+                    break
+                f.write(json.dumps({"text": text}, ensure_ascii=False).encode() + b"\n")
+                n_docs += 1
+                have += len(ids)
+                bar.update(len(ids))
+            pending.clear()
+
+        for text in iter_documents(source, text_field):
+            if isinstance(text, str) and text.strip():
+                pending.append(text)
+            if len(pending) >= batch_docs:
+                flush()
+                if have >= n_tokens:
+                    break
+        flush()
+    bar.close()
+    if have < n_tokens:
+        logger.warning("%s holds only %d tokens, fewer than the %d asked for", source, have, n_tokens)
+    logger.info("wrote %d documents (%d tokens) to %s", n_docs, have, out)
+    return n_docs, have
+
+
 def pack_documents(
     documents: Iterator[str],
     tokenizer,

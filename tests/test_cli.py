@@ -7,7 +7,17 @@ def test_help_lists_every_stage_and_utility():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
     commands = ("model", "dump", "train", "evaluate", "examples", "pack", "graphs", "plots")
-    utilities = ("generate", "intervene", "virtual-weights", "repro", "info", "feature", "heatmap")
+    utilities = (
+        "generate",
+        "intervene",
+        "virtual-weights",
+        "repro",
+        "info",
+        "feature",
+        "heatmap",
+        "preset",
+        "export-corpus",
+    )
     for command in (*commands, *utilities):
         assert command in result.output
 

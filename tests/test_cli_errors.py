@@ -112,6 +112,18 @@ CASES = {
         r"no-such/model.*dvc repro model",
     ),
     "non-UTF-8 corpus": (["dump"], binary_corpus, 1, r"tiny\.jsonl.*UTF-8"),
+    "export without a model": (
+        ["export-corpus", "data/corpus", "out.jsonl.gz", "--n-tokens", "9"],
+        lambda root: shutil.rmtree(root / "data" / "model"),
+        1,
+        r"no model at data/model.*dvc repro model",
+    ),
+    "preset with a typo": (
+        ["preset", "preset.yaml"],
+        lambda root: (root / "preset.yaml").write_text("train:\n  n_step: 9\n"),
+        2,
+        r"`train\.n_step` is not",
+    ),
 }
 
 

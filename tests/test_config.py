@@ -13,6 +13,7 @@ from pipeline.config import (
     TrainConfig,
     load_params,
     parse_params,
+    preset_overrides,
 )
 
 SECTIONS = typing.get_type_hints(Params)
@@ -138,3 +139,37 @@ def test_params_file_roundtrip(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"dump": {"n_tokens": 256}}))
     assert load_params(path).dump.n_tokens == 256
+
+
+@pytest.mark.parametrize("preset", sorted(__import__("glob").glob("presets/*.yaml")))
+def test_preset_overrides_applied_by_dvc_give_the_preset(preset, tmp_path):
+    """Each shipped preset's overrides, applied by DVC's own `-S` parser to a copy of
+    `params.yaml`, give `params.yaml` with exactly the preset's keys changed."""
+    from dvc.utils.hydra import apply_overrides
+
+    target = tmp_path / "params.yaml"
+    target.write_text(open("params.yaml").read())
+    apply_overrides(target, preset_overrides(preset))
+    with open("params.yaml") as f:
+        expected = yaml.safe_load(f)
+    with open(preset) as f:
+        for name, keys in yaml.safe_load(f).items():
+            expected[name].update(keys)
+    assert load_params(target) == parse_params(expected)
+    assert load_params(target) != load_params("params.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train:\n  d_transcodr: 8\n", "train.d_transcodr"),
+        ("train:\n  n_steps: 0\n", "train.n_steps"),
+        ("corpus:\n  path: two words\n", "whitespace"),
+        ("train: 3\n", "maps sections"),
+    ],
+)
+def test_bad_preset_is_refused(tmp_path, text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ParamsError, match=message):
+        preset_overrides(bad)

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.corpus import iter_documents, pack_documents
+from pipeline.corpus import export_documents, iter_documents, pack_documents
 from tests.tiny import make_tokenizer
 
 
@@ -104,3 +104,30 @@ def test_damaged_gzip_corpus_is_a_clear_error(tmp_path):
         ValueError, match=rf"^corpus file {re.escape(str(path))} is not a valid gzip file .*re-download it$"
     ):
         list(iter_documents(str(path)))
+
+
+def test_export_stops_at_n_tokens_and_packs_like_its_source(tmp_path, tok):
+    """The exported file holds the source's first documents up to `n_tokens` tokens, packs
+    to the same sequences as the source, and the same source gives the same bytes."""
+    pq.write_table(
+        pa.table({"body": [f"document number {i} says " + "words " * (i % 7 + 1) for i in range(200)]}),
+        tmp_path / "src.parquet",
+    )
+    src = str(tmp_path / "src.parquet")
+    out = tmp_path / "a" / "corpus.jsonl.gz"
+    kw = dict(text_field="body", progress=False)
+    n_docs, n = export_documents(src, out, tok, n_tokens=300, batch_docs=16, **kw)
+    docs = list(iter_documents(str(out)))
+    lengths = [len(ids) for ids in tok(docs, add_special_tokens=False)["input_ids"]]
+    assert n_docs == len(docs) < 200 and n == sum(lengths)
+    assert sum(lengths[:-1]) < 300 <= n
+    assert docs == list(iter_documents(src, "body"))[: len(docs)]
+    pack = dict(context_len=16, n_tokens=256, bos_token_id=0)
+    a = pack_documents(iter(docs), tok, **pack)
+    b = pack_documents(iter_documents(src, "body"), tok, **pack)
+    np.testing.assert_array_equal(a.token_ids, b.token_ids)
+    again = tmp_path / "b" / "corpus.jsonl.gz"
+    export_documents(src, again, tok, n_tokens=300, batch_docs=5, **kw)
+    assert again.read_bytes() == out.read_bytes()
+    with pytest.raises(ValueError, match="jsonl.gz"):
+        export_documents(src, tmp_path / "c.txt", tok, n_tokens=10, text_field="body")
