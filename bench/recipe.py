@@ -58,6 +58,14 @@ RUNS: dict[str, tuple[str, dict]] = {
         "per-layer transcoders, sparsity_coef 2.5, layer 0 weighted 16x",
         {**HALF, "kind": "plt", "sparsity_coef": 2.5, "layer0_weight": 16.0},
     ),
+    "steps-400-kl-100": (
+        "400 steps (layer 0 weighted 16x), then the KL phase: 100 steps of 8 sequences",
+        {"n_steps": 400, "kl_steps": 100},
+    ),
+    "steps-400-kl-50": (
+        "400 steps (layer 0 weighted 16x), then the KL phase: 50 steps of 8 sequences",
+        {"n_steps": 400, "kl_steps": 50},
+    ),
 }
 
 FINETUNES: dict[str, tuple[str, str, dict]] = {

@@ -336,6 +336,19 @@ class TrainConfig(Section):
     """Compute dtype of the transcoder's matmuls (encoder and dense decoder; bfloat16 gives
     2.3x the tokens/s of float32 at batch 1024 on an AMX CPU; `auto` as `model.dtype`);
     parameters, optimizer state, the JumpReLU threshold and the loss stay float32."""
+    kl_steps: Annotated[int, Ge(0)] = 0
+    """Steps of a final phase that fine-tunes the trained transcoder through the spliced
+    model, the language model frozen, on KL(original || replacement) of the next-token
+    predictions plus `kl_mse_coef` x the mean per-layer FVU (`pipeline.finetune`); 0 skips
+    it. Each step runs the model twice on `kl_batch_size` training sequences (~10 s on 2
+    CPU cores at the default sizes)."""
+    kl_batch_size: Annotated[int, Ge(1)] = 8
+    """Sequences per step of the KL phase."""
+    kl_lr: Annotated[float, Gt(0), Lt(1)] = 1e-4
+    """Adam learning rate of the KL phase (decays linearly to 0)."""
+    kl_mse_coef: Annotated[float, Ge(0)] = 1.0
+    """Weight of the mean per-layer FVU in the KL phase's loss (it keeps each layer's
+    reconstruction, which the graphs' error nodes measure)."""
     checkpoint_every: Annotated[int, Ge(1)] = 50
     """Steps between checkpoints (a killed run resumes from the last one)."""
     max_grad_norm: Annotated[float, Ge(0)] = 0.0

@@ -26,10 +26,13 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.clt import CrossLayerTranscoder
+from pipeline.config import Params
 from pipeline.dump import _Target, capture_activations
-from pipeline.evaluate import next_token_logprobs
-from pipeline.splice import splice
-from pipeline.store import ACTIVATIONS
+from pipeline.evaluate import next_token_logprobs, split_sequences
+from pipeline.model import load_model
+from pipeline.runtime import resolve_device, torch_dtype
+from pipeline.splice import check_fits, splice
+from pipeline.store import ACTIVATIONS, ActivationStore
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +134,56 @@ def kl_finetune(
     bar.close()
     model.train(was_training)
     return history
+
+
+def kl_phase(
+    params: Params,
+    transcoder: CrossLayerTranscoder,
+    where: str,
+    *,
+    n_sequences: int = 100_000,
+    progress: bool = True,
+) -> list[dict]:
+    """`kl_finetune` as `params.train.kl_*` set it: the model of `paths.model_dir` on
+    `runtime.device`, up to `n_sequences` training sequences of `paths.activations`; the
+    raw-space `transcoder` (loaded from `where`, for errors) is fine-tuned in place on the
+    model's device."""
+    cfg = params.train
+    device = resolve_device(params.runtime.device)
+    model, _ = load_model(params.paths.model_dir, dtype=torch_dtype(params.model.dtype), device=device)
+    check_fits(transcoder, model, where)
+    store = ActivationStore(params.paths.activations)
+    sequences = torch.from_numpy(split_sequences(store, "train", cfg.val_fraction, n_sequences))
+    logger.info(
+        "KL phase: %d steps of %d of %d training sequences", cfg.kl_steps, cfg.kl_batch_size, len(sequences)
+    )
+    return kl_finetune(
+        model,
+        transcoder.to(device),
+        sequences,
+        n_steps=cfg.kl_steps,
+        batch_size=cfg.kl_batch_size,
+        lr=cfg.kl_lr,
+        mse_coef=cfg.kl_mse_coef,
+        compute_dtype=torch_dtype(cfg.compute_dtype, device),
+        seed=cfg.seed,
+        progress=progress,
+    )
+
+
+def phase_summary(history: list[dict], window: int = 10) -> dict:
+    """The KL phase in `metrics/train.json`: its steps and the mean KL, FVU and L0 of its
+    first and last `window` steps (on the training batches)."""
+    first, last = history[:window], history[-window:]
+
+    def mean(rows: list[dict], key: str) -> float:
+        return float(np.mean([r[key] for r in rows]))
+
+    return {
+        "steps": len(history),
+        **{
+            f"{key}_{name}": mean(rows, key)
+            for name, rows in (("first", first), ("last", last))
+            for key in ("kl", "fvu", "l0")
+        },
+    }

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.checkpoint import Checkpoint
-from pipeline.clt import CLTShape, CrossLayerTranscoder, export_transcoder
+from pipeline.clt import CLTShape, CrossLayerTranscoder, export_transcoder, load_transcoder
 from pipeline.clt_ops import jumprelu_ops, needs_grad_mask
 from pipeline.config import Params, TrainConfig
 from pipeline.distributed import World, barrier, broadcast_object, fault, local_device, world
@@ -650,8 +650,17 @@ def run(params: Params, *, progress: bool = True) -> dict:
     model = trainer.trained_model()
     metrics = None
     if here.main:
+        if cfg.kl_steps:  # fine-tuned in raw space, as exported, through the spliced model
+            from pipeline.finetune import kl_phase, phase_summary  # the language model's imports
+
+            export_transcoder(model, work / "before-kl", model_name=params.model.name)
+            model = load_transcoder(work / "before-kl")
+            kl_history = kl_phase(params, model, str(work / "before-kl"), progress=progress)
+            model = model.cpu()
         val = sample_rows(store, "val", cfg.val_fraction, 8192)
         metrics = validate(model, val)
+        if cfg.kl_steps:
+            metrics["kl_phase"] = phase_summary(kl_history)
         logger.info("validation: %s", metrics["mean"])
         # `scan` (where the frontend finds the `pack` stage's features): a portable name made
         # from `model.name` by `export_transcoder`, e.g. ./feature-data/smollm2-135m-instruct.

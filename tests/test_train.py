@@ -458,3 +458,27 @@ def test_layer0_weight_adds_layer0s_squared_error_to_the_loss():
     layer0 = ((recon[:, 0] - y[:, 0]) ** 2).sum() / len(y)
     assert terms[3.0]["mse"] == terms[1.0]["mse"]  # the logged MSE stays every layer's, unweighted
     torch.testing.assert_close(terms[3.0]["total"], terms[1.0]["total"] + 2 * layer0)
+
+
+def test_kl_phase_lowers_the_held_out_kl_and_keeps_the_trained_thresholds(tiny_store, tmp_path):
+    """`train.kl_steps` fine-tunes the trained transcoder through the spliced model: the same
+    run without it gives the same thresholds (the phase leaves them, and training is the
+    same), and a higher KL on held-out sequences."""
+    from pipeline.evaluate import evaluate_transcoder, split_sequences
+    from pipeline.model import load_pretrained
+
+    kl = {"kl_batch_size": 4, "kl_lr": 1e-2, "kl_mse_coef": 0.1}
+    plain = _params(tmp_path / "plain", tiny_store, n_steps=8, **kl)
+    tuned = _params(tmp_path / "tuned", tiny_store, n_steps=8, kl_steps=15, **kl)
+    assert "kl_phase" not in run(plain, progress=False)
+    phase = run(tuned, progress=False)["kl_phase"]
+    assert phase["steps"] == 15 and phase["kl_last"] < phase["kl_first"]
+    a, b = load_transcoder(tmp_path / "plain" / "tc"), load_transcoder(tmp_path / "tuned" / "tc")
+    assert torch.equal(a.log_threshold, b.log_threshold) and not torch.equal(a.W_dec[0], b.W_dec[0])
+    model, _ = load_pretrained(tiny_store["paths"]["model_dir"], dtype=torch.float32)
+    store = ActivationStore(tiny_store["paths"]["activations"])
+    ids = torch.from_numpy(split_sequences(store, "val", 0.2, 16))
+    kls = [
+        evaluate_transcoder(model, tc, ids, batch_size=8, progress=False)["kl_replacement"] for tc in (a, b)
+    ]
+    assert kls[1] < kls[0], kls
