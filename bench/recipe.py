@@ -29,13 +29,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-HALF = {"n_steps": 400, "layer0_weight": 1.0}
-"""The comparison budget, half the default run's tokens (400 steps of 1,024), with the
-paper's loss (every layer's error weighted alike)."""
+HALF = {"n_steps": 400, "layer0_weight": 1.0, "kl_steps": 0}
+"""The comparison budget of the recipe rows, 400 MSE steps of 1,024 tokens, with the paper's
+loss (every layer's error weighted alike) and no KL phase."""
 
 RUNS: dict[str, tuple[str, dict]] = {
-    "base": ("CLT, 256 features, 400 steps (half the default), layer 0 weighted 1x", HALF),
-    "default": ("CLT, the defaults (800 steps, layer 0 weighted 16x)", {}),
+    "base": ("CLT, 256 features, 400 steps, layer 0 weighted 1x", HALF),
+    "default": ("CLT, the defaults of params.yaml", {}),
     "steps-200": ("CLT, 256 features, 200 steps", {**HALF, "n_steps": 200}),
     "enc-transpose": ("encoder from the decoder's transpose", {**HALF, "encoder_init": "transpose"}),
     "batchtopk-16": ("BatchTopK k 16, exported as JumpReLU", {**HALF, "activation": "batchtopk", "k": 16}),
@@ -58,6 +58,7 @@ RUNS: dict[str, tuple[str, dict]] = {
         "per-layer transcoders, sparsity_coef 2.5, layer 0 weighted 16x",
         {**HALF, "kind": "plt", "sparsity_coef": 2.5, "layer0_weight": 16.0},
     ),
+    "steps-800": ("800 MSE steps (layer 0 weighted 16x), no KL phase", {"n_steps": 800, "kl_steps": 0}),
     "steps-400-kl-100": (
         "400 steps (layer 0 weighted 16x), then the KL phase: 100 steps of 8 sequences",
         {"n_steps": 400, "kl_steps": 100},
@@ -70,13 +71,13 @@ RUNS: dict[str, tuple[str, dict]] = {
 
 FINETUNES: dict[str, tuple[str, str, dict]] = {
     "kl-100": (
-        "the defaults, then 100 steps of KL fine-tuning (8 sequences, lr 1e-4, FVU weight 1)",
-        "default",
+        "800 MSE steps, then 100 steps of KL fine-tuning (8 sequences, lr 1e-4, FVU weight 1)",
+        "steps-800",
         {"steps": 100, "batch_size": 8, "lr": 1e-4, "mse_coef": 1.0},
     ),
     "kl-100-lr3e-4": (
-        "the defaults, then 100 steps of KL fine-tuning (8 sequences, lr 3e-4, FVU weight 1)",
-        "default",
+        "800 MSE steps, then 100 steps of KL fine-tuning (8 sequences, lr 3e-4, FVU weight 1)",
+        "steps-800",
         {"steps": 100, "batch_size": 8, "lr": 3e-4, "mse_coef": 1.0},
     ),
 }

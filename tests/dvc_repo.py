@@ -38,7 +38,14 @@ def tiny_params(params: dict, model_dir: Path) -> dict:
     params["corpus"].update(path="data/corpus/tiny.jsonl", context_len=16)
     params["dump"].update(n_tokens=512, batch_size=4, shard_tokens=128, chunk_tokens=64)
     params["train"].update(
-        d_transcoder=16, n_steps=6, batch_size=64, checkpoint_every=2, buffer_shards=2, val_fraction=0.2
+        d_transcoder=16,
+        n_steps=6,
+        batch_size=64,
+        checkpoint_every=2,
+        buffer_shards=2,
+        val_fraction=0.2,
+        kl_steps=2,
+        kl_batch_size=2,
     )
     params["evaluate"].update(n_sequences=4, batch_size=2)
     params["examples"].update(top_k=5, context_before=4, context_after=2, n_intervals=3)

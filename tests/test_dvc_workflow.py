@@ -8,6 +8,7 @@ these tests follow whatever stages exist.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import typing
 from pathlib import Path
@@ -245,9 +246,7 @@ def default_run_repo(dst: Path) -> tuple[Path, dict]:
         (dst / name).parent.mkdir(parents=True, exist_ok=True)
         (dst / name).write_bytes((ROOT / name).read_bytes())
     metrics = Pipeline(ROOT).params["paths"]["metrics"]
-    for f in (ROOT / metrics).iterdir():
-        (dst / metrics).mkdir(exist_ok=True)
-        (dst / metrics / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(ROOT / metrics, dst / metrics)  # metrics/plots/ too (the plots stage's)
     env = dvc_env(dst)
     run(["git", "init", "-q"], dst, env)
     git_commit(dst, env, "default run")
