@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 from pathlib import Path
 
 import torch
 
-from pipeline.clt import export_transcoder, load_transcoder
+from pipeline.clt import load_transcoder
 from pipeline.config import load_params
 from pipeline.finetune import kl_phase, phase_summary
 from pipeline.runtime import configure_torch, setup_logging
 from pipeline.store import ActivationStore
-from pipeline.train import sample_rows, validate, write_metrics
+from pipeline.train import validate_and_export
 
 
 def main() -> None:
@@ -55,14 +54,8 @@ def main() -> None:
     torch.manual_seed(params.train.seed)
     transcoder = load_transcoder(args.source)
     history = kl_phase(params, transcoder, str(args.source), n_sequences=args.n_sequences)
-    transcoder = transcoder.cpu()
     store = ActivationStore(params.paths.activations)
-    with torch.no_grad():
-        metrics = validate(transcoder, sample_rows(store, "val", params.train.val_fraction, 8192))
-    metrics["kl_phase"] = phase_summary(history)
-    logging.info("validation: %s", metrics["mean"])
-    export_transcoder(transcoder, params.paths.transcoder, model_name=params.model.name)
-    write_metrics(Path(params.paths.metrics), metrics, history)
+    validate_and_export(params, store, transcoder.cpu(), history, {"kl_phase": phase_summary(history)})
 
 
 if __name__ == "__main__":

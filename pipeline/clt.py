@@ -248,6 +248,19 @@ class CrossLayerTranscoder(nn.Module):
             out = out + acts[l] @ self.W_dec[l][:, target - l if self.shape.kind == "clt" else 0]
         return out
 
+    def decode_from(self, acts: torch.Tensor, layer: int, targets: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """Layer `layer`'s features' terms of the reconstructions of `targets` (layers it writes
+        to), in one matmul: acts (..., d_tc) -> one (..., d_model) per target, without b_dec.
+
+        `decode_layer` with gradients selects one block of W_dec[layer] per target, and the
+        backward pass of each selection writes a zero-filled gradient of the whole W_dec[layer];
+        here each layer's decoder has one (sliced or whole) use and one gradient."""
+        cols = [t - layer if self.shape.kind == "clt" else 0 for t in targets]
+        W = self.W_dec[layer]
+        if cols != list(range(W.shape[1])):
+            W = W[:, cols]
+        return (acts @ W.flatten(1)).split(self.shape.d_model, dim=-1)
+
     def check_fits(self, n_layers: int, d_model: int, *, where: str, other: str) -> None:
         """A clear error unless this transcoder (loaded from `where`) has the `n_layers` and
         `d_model` of `other` (a model or an activation store, described for the message)."""
@@ -389,14 +402,28 @@ def load_transcoder(folder: str | Path) -> CrossLayerTranscoder:
         b_dec = [t["b_dec"] for t in layers]
         threshold = [t["activation_function.threshold"] for t in layers]
         dec = [t["W_dec"][:, None] for t in layers]
-    d_tc, d_model = W_enc[0].shape
-    model = CrossLayerTranscoder(CLTShape(n_layers=n_layers, d_model=d_model, d_transcoder=d_tc, kind=kind))
+    weights = {"W_enc": W_enc, "b_enc": b_enc, "threshold": threshold, "b_dec": b_dec, "W_dec": dec}
+    return _from_raw_weights(weights, kind)
+
+
+def raw_space(model: CrossLayerTranscoder) -> CrossLayerTranscoder:
+    """The raw-space transcoder `load_transcoder` would load from `export_transcoder(model)`,
+    built in memory (float32, on the CPU)."""
+    return _from_raw_weights(raw_space_weights(model), model.shape.kind)
+
+
+def _from_raw_weights(w: dict[str, list[torch.Tensor]], kind: str) -> CrossLayerTranscoder:
+    """A raw-space `CrossLayerTranscoder` from per-layer weights laid out as exported
+    (`raw_space_weights`: W_enc[l] (d_tc, d_model), W_dec[l] (d_tc, n_out, d_model))."""
+    d_tc, d_model = w["W_enc"][0].shape
+    shape = CLTShape(n_layers=len(w["W_enc"]), d_model=d_model, d_transcoder=d_tc, kind=kind)
+    model = CrossLayerTranscoder(shape)
     with torch.no_grad():
-        model.W_enc.copy_(torch.stack([w.t() for w in W_enc]))
-        model.b_enc.copy_(torch.stack(b_enc))
-        model.b_dec.copy_(torch.stack(b_dec))
-        model.log_threshold.copy_(torch.stack(threshold).log())
-        for W, d in zip(model.W_dec, dec):
+        model.W_enc.copy_(torch.stack([W.t() for W in w["W_enc"]]))
+        model.b_enc.copy_(torch.stack(w["b_enc"]))
+        model.b_dec.copy_(torch.stack(w["b_dec"]))
+        model.log_threshold.copy_(torch.stack(w["threshold"]).log())
+        for W, d in zip(model.W_dec, w["W_dec"]):
             W.copy_(d)
     return model
 

@@ -62,7 +62,7 @@ def next_token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """float32 log-probabilities of the predictions made at positions 1..T-2 (those of tokens
     2..T-1): ids (batch, T) -> (batch, T - 2, vocab)."""
     logits = model(input_ids=ids, use_cache=False).logits
-    return torch.log_softmax(logits[:, 1:-1].float(), dim=-1)
+    return torch.log_softmax(logits[:, 1:-1], dim=-1, dtype=torch.float32)
 
 
 def compare(logp: torch.Tensor, logp_orig: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:

@@ -22,6 +22,7 @@ import logging
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -57,15 +58,22 @@ def original_pass(model: nn.Module, ids: torch.Tensor, n_layers: int) -> tuple[t
 
 
 def layer_fvu(
-    transcoder: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor
+    transcoder: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each layer's fraction of variance unexplained by the transcoder (n_layers,), and its
-    L0 (active features per layer and token), from MLP inputs and outputs (n, n_layers, d_model)."""
-    acts = transcoder.encode(x)
+    """The mean over layers of each layer's fraction of variance unexplained by the
+    transcoder, and its L0 (active features per layer and token), from MLP inputs and
+    outputs (n, n_layers, d_model) float32; the transcoder computes in `dtype`.
+
+    mean_l err_l / var_l is one fused squared error of outputs scaled by
+    1 / sqrt(n_layers var_l): eager elementwise passes over (n, n_layers, d_model) float32
+    tensors otherwise cost as much as the transcoder's matmuls."""
+    with torch.no_grad():
+        var = y.var(0, correction=0).sum(-1) * len(y)  # (n_layers,)
+        scale = (var.clamp_min(1e-12) * len(var)).rsqrt()[:, None]
+    acts = transcoder.encode(x.to(dtype))
     recon = transcoder.decode(acts)
-    err = (recon.float() - y).pow(2).sum(dim=(0, 2))
-    var = (y - y.mean(0)).pow(2).sum(dim=(0, 2)).clamp_min(1e-12)
-    return err / var, (acts.detach() != 0).float().sum(-1).mean()
+    fvu = F.mse_loss(recon * scale, y * scale, reduction="sum")
+    return fvu, (acts.detach() != 0).float().sum(-1).mean()
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -110,12 +118,16 @@ def kl_finetune(
         ids = sequences[order[:batch_size]].to(device)
         del order[:batch_size]
         logp_orig, acts = original_pass(model, ids, n_layers)
+        p_orig = logp_orig.exp().flatten()
         with autocast(device, compute_dtype):
             with splice(model, transcoder, range(n_layers)):
                 logp = next_token_logprobs(model, ids)
-            fvu, l0 = layer_fvu(transcoder, acts["resid_mid"], acts["mlp_out"])
-        kl = (logp_orig.exp() * (logp_orig - logp)).sum(-1).mean()
-        loss = kl + mse_coef * fvu.mean()
+            fvu, l0 = layer_fvu(transcoder, acts["resid_mid"], acts["mlp_out"], compute_dtype)
+        # sum p (log p - log q) as two dot products over the (predictions x vocab) elements:
+        # no elementwise temporaries of that size, and a gradient of -p / n for log q
+        n_predictions = logp.numel() // logp.shape[-1]
+        kl = (p_orig @ logp_orig.flatten() - p_orig @ logp.flatten()) / n_predictions
+        loss = kl + mse_coef * fvu
         for group in optimizer.param_groups:
             group["lr"] = lr * (1 - step / n_steps)
         optimizer.zero_grad(set_to_none=True)
@@ -125,7 +137,7 @@ def kl_finetune(
             "step": step,
             "loss": loss.item(),
             "kl": kl.item(),
-            "fvu": fvu.mean().item(),
+            "fvu": fvu.item(),
             "l0": l0.item(),
         }
         history.append(record)
@@ -146,7 +158,7 @@ def kl_phase(
 ) -> list[dict]:
     """`kl_finetune` as `params.train.kl_*` set it: the model of `paths.model_dir` on
     `runtime.device`, up to `n_sequences` training sequences of `paths.activations`; the
-    raw-space `transcoder` (loaded from `where`, for errors) is fine-tuned in place on the
+    raw-space `transcoder` (`where` names it in errors) is fine-tuned in place on the
     model's device."""
     cfg = params.train
     device = resolve_device(params.runtime.device)

@@ -4,8 +4,10 @@ The replacement model of Ameisen et al., "Circuit Tracing" (2025),
 https://transformer-circuits.pub/2025/attribution-graphs/methods.html#building-replacement-model:
 forward hooks replace MLP block outputs (`hook_mlp_out`) by the transcoder's
 reconstruction. A pre-hook on each layer's MLP input (`hook_resid_mid`) encodes that
-layer's features from the *replacement model's own* residual stream; the hook on the MLP
-output of layer l decodes the features of every layer <= l, which have all run by then.
+layer's features from the *replacement model's own* residual stream and decodes them, in
+one matmul (`CrossLayerTranscoder.decode_from`), into their terms of every spliced layer
+they write to; the hook on the MLP output of layer l sums the terms of the layers <= l,
+which have all run by then.
 Splicing one layer only replaces that layer's output; its features still come from layers
 <= l of a model that is unchanged up to l. `zero_ablate` sets MLP outputs to 0 instead.
 Position 0 (BOS) always keeps the original MLP output: training excluded BOS rows, and
@@ -39,7 +41,8 @@ def check_fits(transcoder: CrossLayerTranscoder, model: nn.Module, where: str) -
 
 
 def _replace_after_bos(output, new: torch.Tensor):
-    """The module output with positions >= 1 of its hidden states (batch, seq, d_model) set to `new`."""
+    """The module output with positions >= 1 set to `new` (batch, seq, d_model); its hidden states
+    may hold position 0 alone (`splice` runs the MLP on BOS only)."""
     hidden = output[0] if isinstance(output, tuple) else output
     spliced = torch.cat([hidden[:, :1], new[:, 1:].to(hidden.dtype)], dim=1)
     return (spliced, *output[1:]) if isinstance(output, tuple) else spliced
@@ -51,16 +54,28 @@ def splice(model: nn.Module, transcoder: CrossLayerTranscoder, layers: Sequence[
     reconstruction, from features computed on the running model's own MLP inputs."""
     arch = get_architecture(model)
     blocks = get_layers(model)
-    sources = sorted({l for target in layers for l in transcoder.source_layers(target)})
-    acts: dict[int, torch.Tensor] = {}  # layer -> (batch, seq, d_tc) float32, this forward pass
+    targets: dict[int, list[int]] = {}  # source layer -> the spliced layers it writes to
+    for t in layers:
+        for l in transcoder.source_layers(t):
+            targets.setdefault(l, []).append(t)
+    sources = sorted(targets)
+    terms: dict[tuple[int, int], torch.Tensor] = {}  # (source, target) -> (batch, seq, d_model)
     handles = []
 
     def encode(module, args, kwargs, *, layer):
         x = args[0] if args else kwargs["hidden_states"]
-        acts[layer] = transcoder.encode_layer(x.float(), layer)
+        acts = transcoder.encode_layer(x.float(), layer)
+        parts = transcoder.decode_from(acts, layer, targets[layer])
+        terms.update({(layer, t): part for t, part in zip(targets[layer], parts)})
+
+    def narrow(module, args, output):
+        """The MLP input module (its norm) feeds only the MLP, and only BOS keeps the MLP's
+        output: the MLP runs on position 0 alone."""
+        return output[:, :1]
 
     def reconstruct(module, args, output, *, layer):
-        return _replace_after_bos(output, transcoder.decode_layer(acts, layer))
+        recon = transcoder.b_dec[layer] + sum(terms.pop((l, layer)) for l in transcoder.source_layers(layer))
+        return _replace_after_bos(output, recon)
 
     try:
         for l in sources:
@@ -68,6 +83,7 @@ def splice(model: nn.Module, transcoder: CrossLayerTranscoder, layers: Sequence[
             hook = functools.partial(encode, layer=l)
             handles.append(mlp_input.register_forward_pre_hook(hook, with_kwargs=True))
         for l in layers:
+            handles.append(blocks[l].get_submodule(arch.mlp_input).register_forward_hook(narrow))
             mlp_output = blocks[l].get_submodule(arch.mlp_output)
             handles.append(mlp_output.register_forward_hook(functools.partial(reconstruct, layer=l)))
         yield

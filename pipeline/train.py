@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.checkpoint import Checkpoint
-from pipeline.clt import CLTShape, CrossLayerTranscoder, export_transcoder, load_transcoder
+from pipeline.clt import CLTShape, CrossLayerTranscoder, export_transcoder, raw_space
 from pipeline.clt_ops import jumprelu_ops, needs_grad_mask
 from pipeline.config import Params, TrainConfig
 from pipeline.distributed import World, barrier, broadcast_object, fault, local_device, world
@@ -623,6 +623,20 @@ def check_store_model(store: ActivationStore, model_name: str) -> None:
         )
 
 
+def validate_and_export(
+    params: Params, store: ActivationStore, model: CrossLayerTranscoder, history: list[dict], extra: dict
+) -> dict:
+    """The end of the `train` stage: validate `model` on 8,192 validation rows, export it to
+    `paths.transcoder`, and write its metrics (with `extra`) and the curve of `history`."""
+    metrics = {**validate(model, sample_rows(store, "val", params.train.val_fraction, 8192)), **extra}
+    logger.info("validation: %s", metrics["mean"])
+    # `scan` (where the frontend finds the `pack` stage's features): a portable name made
+    # from `model.name` by `export_transcoder`, e.g. ./feature-data/smollm2-135m-instruct.
+    export_transcoder(model, params.paths.transcoder, model_name=params.model.name)
+    write_metrics(Path(params.paths.metrics), metrics, history)
+    return metrics
+
+
 def run(params: Params, *, progress: bool = True) -> dict:
     """The `train` stage: fit the transcoder, validate it, export it for circuit-tracer."""
     cfg = params.train
@@ -653,19 +667,11 @@ def run(params: Params, *, progress: bool = True) -> dict:
         if cfg.kl_steps:  # fine-tuned in raw space, as exported, through the spliced model
             from pipeline.finetune import kl_phase, phase_summary  # the language model's imports
 
-            export_transcoder(model, work / "before-kl", model_name=params.model.name)
-            model = load_transcoder(work / "before-kl")
-            kl_history = kl_phase(params, model, str(work / "before-kl"), progress=progress)
+            model = raw_space(model)
+            kl_history = kl_phase(params, model, "the trained transcoder", progress=progress)
             model = model.cpu()
-        val = sample_rows(store, "val", cfg.val_fraction, 8192)
-        metrics = validate(model, val)
-        if cfg.kl_steps:
-            metrics["kl_phase"] = phase_summary(kl_history)
-        logger.info("validation: %s", metrics["mean"])
-        # `scan` (where the frontend finds the `pack` stage's features): a portable name made
-        # from `model.name` by `export_transcoder`, e.g. ./feature-data/smollm2-135m-instruct.
-        export_transcoder(model, out, model_name=params.model.name)
-        write_metrics(Path(params.paths.metrics), metrics, history)
+        extra = {"kl_phase": phase_summary(kl_history)} if cfg.kl_steps else {}
+        metrics = validate_and_export(params, store, model, history, extra)
         shutil.rmtree(work, ignore_errors=True)
     barrier("train: exported")
     return broadcast_object(metrics)

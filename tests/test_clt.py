@@ -7,6 +7,7 @@ from pipeline.clt import (
     export_transcoder,
     jumprelu,
     load_transcoder,
+    raw_space,
 )
 from pipeline.clt_ops import ste_window
 
@@ -147,6 +148,10 @@ def test_export_folds_normalisation_and_roundtrips(tmp_path, kind):
         assert "W_enc_0.safetensors" in files and "W_dec_3.safetensors" in files
     else:
         assert "layer_0.safetensors" in files
+    in_memory = raw_space(model)  # what the train stage's KL phase fine-tunes
+    assert in_memory.shape == loaded.shape
+    for (name, t), (_, ref) in zip(in_memory.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(t, ref), name
 
 
 def test_topk_and_batchtopk_keep_k_per_layer():

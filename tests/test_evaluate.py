@@ -85,6 +85,32 @@ def test_splice_helpers_match_forward(kind):
     assert (acts != 0).any() and (acts == 0).any()
 
 
+@pytest.mark.parametrize("kind", ["clt", "plt"])
+@pytest.mark.parametrize("spliced", [[0, 1, 2, 3], [2]])
+def test_decode_from_matches_decode_layer_and_its_gradient(kind, spliced):
+    """The splice's per-source terms sum to `decode_layer`, and the decoders' gradients agree."""
+    tc = make_transcoder(kind, n_layers=4, d_model=16, d_tc=32)
+    acts = [tc.encode_layer(x, l).detach() for l, x in enumerate(torch.randn(4, 10, 16))]
+    weights = torch.randn(4, 10, 16)  # a loss that weighs every output element differently
+
+    def loss_and_grads(recon):
+        loss = sum((recon[t] * weights[t]).sum() for t in spliced)
+        return loss, torch.autograd.grad(loss, list(tc.W_dec), allow_unused=True)
+
+    targets = {l: [t for t in spliced if l in tc.source_layers(t)] for l in range(4)}
+    terms = {
+        (l, t): part for l in range(4) for t, part in zip(targets[l], tc.decode_from(acts[l], l, targets[l]))
+    }
+    mine = {t: tc.b_dec[t] + sum(terms[l, t] for l in tc.source_layers(t)) for t in spliced}
+    loss, grads = loss_and_grads(mine)
+    ref_loss, ref_grads = loss_and_grads({t: tc.decode_layer(acts, t) for t in spliced})
+    torch.testing.assert_close(loss, ref_loss)
+    for g, ref in zip(grads, ref_grads):
+        assert (g is None) == (ref is None)  # a layer that writes to no spliced layer
+        if g is not None:
+            torch.testing.assert_close(g, ref)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_splice_keeps_bos_and_changes_the_rest(arch, tiny_model_dir):
     model, _ = load_pretrained(str(tiny_model_dir(arch)), dtype=torch.float32)
@@ -152,12 +178,15 @@ def test_exact_reconstruction_recovers_everything(tiny_model_dir, monkeypatch):
     blocks = get_layers(model)
     tc = make_transcoder()
     monkeypatch.setattr(tc, "encode_layer", lambda x, layer: x)
-    monkeypatch.setattr(
-        tc,
-        "decode_layer",
-        # .forward: the true MLP, without re-entering the splice's own hooks
-        lambda acts, t: blocks[t].mlp.forward(blocks[t].post_attention_layernorm.forward(acts[t])),
-    )
+
+    def decode_from(acts, layer, targets):  # the true MLP of `layer`, nothing into later layers
+        # .forward: without re-entering the splice's own hooks
+        mlp = blocks[layer].mlp.forward(blocks[layer].post_attention_layernorm.forward(acts))
+        return tuple(mlp if t == layer else torch.zeros_like(mlp) for t in targets)
+
+    monkeypatch.setattr(tc, "decode_from", decode_from)
+    with torch.no_grad():
+        tc.b_dec.zero_()
     m = evaluate_transcoder(model, tc, random_sequences(n=5), batch_size=2, progress=False)
     assert m["n_sequences"] == 5 and m["n_predictions"] == 5 * 10
     assert m["ce_zero_ablation"] > m["ce_original"]

@@ -34,16 +34,19 @@ def test_original_pass_captures_every_layer_after_bos(tiny_model_dir):
         torch.testing.assert_close(acts["mlp_out"][:, l], seen[l][:, 1:].reshape(-1, 32))
 
 
-def test_layer_fvu_is_one_minus_r2_per_layer():
+def test_layer_fvu_is_the_mean_of_one_minus_r2_per_layer_and_so_is_its_gradient():
     tc = make_transcoder()
     x, y = torch.randn(50, 3, 32), torch.randn(50, 3, 32)
     fvu, l0 = layer_fvu(tc, x, y)
-    with torch.no_grad():
-        _, acts, recon = tc(x)
-    for l in range(3):
-        err = ((recon[:, l] - y[:, l]) ** 2).sum()
-        var = ((y[:, l] - y[:, l].mean(0)) ** 2).sum()
-        torch.testing.assert_close(fvu[l], err / var)
+    grads = torch.autograd.grad(fvu, list(tc.W_dec))
+    _, acts, recon = tc(x)
+    naive = (
+        sum(((recon[:, l] - y[:, l]) ** 2).sum() / ((y[:, l] - y[:, l].mean(0)) ** 2).sum() for l in range(3))
+        / 3
+    )
+    torch.testing.assert_close(fvu, naive)
+    for g, ref in zip(grads, torch.autograd.grad(naive, list(tc.W_dec))):
+        torch.testing.assert_close(g, ref)
     torch.testing.assert_close(l0, (acts != 0).float().sum(-1).mean())
 
 
