@@ -67,6 +67,10 @@ RUNS: dict[str, tuple[str, dict]] = {
         "400 steps (layer 0 weighted 16x), then the KL phase: 50 steps of 8 sequences",
         {"n_steps": 400, "kl_steps": 50},
     ),
+    "steps-400-kl-200": (
+        "400 steps (layer 0 weighted 16x), then the KL phase: 200 steps of 8 sequences",
+        {"n_steps": 400, "kl_steps": 200},
+    ),
 }
 
 FINETUNES: dict[str, tuple[str, str, dict]] = {
