@@ -119,7 +119,14 @@ def run_one(run: str, out: Path, previous: dict | None = None) -> dict:
     else:
         description, changes = RUNS[run]
     out.mkdir(parents=True, exist_ok=True)
-    params = write_params(run, {} if run in FINETUNES else changes, out)
+    if previous:
+        # the transcoder stays the one trained on the params written then: only `graphs:` changes
+        params = out / "params.yaml"
+        written = yaml.safe_load(params.read_text())
+        written["graphs"] = yaml.safe_load((ROOT / "params.yaml").read_text())["graphs"]
+        params.write_text(yaml.safe_dump(written, sort_keys=False))
+    else:
+        params = write_params(run, {} if run in FINETUNES else changes, out)
     stages = ("graphs",) if previous else STAGES
     seconds = {stage: previous[f"{stage}_seconds"] for stage in STAGES} if previous else {}
     for stage in stages:
