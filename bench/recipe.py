@@ -71,6 +71,10 @@ RUNS: dict[str, tuple[str, dict]] = {
         "400 steps (layer 0 weighted 16x), then the KL phase: 200 steps of 8 sequences",
         {"n_steps": 400, "kl_steps": 200},
     ),
+    "steps-400-kl-b4-200": (
+        "400 steps (layer 0 weighted 16x), then the KL phase: 200 steps of 4 sequences",
+        {"n_steps": 400, "kl_steps": 200, "kl_batch_size": 4},
+    ),
 }
 
 FINETUNES: dict[str, tuple[str, str, dict]] = {

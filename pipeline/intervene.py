@@ -66,7 +66,6 @@ Graphs checked by intervention (`check_graph`; the `graphs` stage stores its sco
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import re
 from collections import defaultdict
@@ -79,8 +78,8 @@ from torch import nn
 from pipeline.attribution.attribute import Graph, select_logit_targets, tokenize_prompt
 from pipeline.attribution.prune import node_influence, total_influence
 from pipeline.clt import CrossLayerTranscoder
-from pipeline.model import get_architecture, get_layers
-from pipeline.splice import greedy_continuation
+from pipeline.model import get_layers
+from pipeline.splice import greedy_continuation, splice_hooks
 
 
 class SpecError(ValueError):
@@ -233,25 +232,18 @@ class _Hooks:
 
 @contextlib.contextmanager
 def _hooked(model: nn.Module, hooks: _Hooks, first: int) -> Iterator[None]:
-    """Register `hooks` for splicing layers >= `first`. The output of the MLP's input
-    module (its norm) feeds only the MLP, whose output is the block's `mlp_output`."""
-    arch, blocks = get_architecture(model), get_layers(model)
-    spliced = range(first, len(blocks))
+    """Register `hooks` for splicing layers >= `first` (`splice_hooks`) and for reading the
+    unembedding's input."""
+    spliced = range(first, len(get_layers(model)))
     sources = sorted({l for target in spliced for l in hooks.transcoder.source_layers(target)})
-    handles = [model.get_output_embeddings().register_forward_pre_hook(hooks.on_unembed)]
+    handle = model.get_output_embeddings().register_forward_pre_hook(hooks.on_unembed)
     try:
-        for l in sources:
-            hook = functools.partial(hooks.encode, layer=l)
-            mlp_input = blocks[l].get_submodule(arch.mlp_input)
-            handles.append(mlp_input.register_forward_pre_hook(hook, with_kwargs=True))
-        for l in spliced:
-            handles.append(blocks[l].get_submodule(arch.mlp_input).register_forward_hook(hooks.narrow))
-            hook = functools.partial(hooks.reconstruct, layer=l)
-            handles.append(blocks[l].get_submodule(arch.mlp_output).register_forward_hook(hook))
-        yield
+        with splice_hooks(
+            model, sources, spliced, encode=hooks.encode, narrow=hooks.narrow, reconstruct=hooks.reconstruct
+        ):
+            yield
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
 
 
 @torch.inference_mode()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -52,15 +52,12 @@ def _replace_after_bos(output, new: torch.Tensor):
 def splice(model: nn.Module, transcoder: CrossLayerTranscoder, layers: Sequence[int]) -> Iterator[None]:
     """Within the context, the MLP outputs of `layers` (positions >= 1) are the transcoder's
     reconstruction, from features computed on the running model's own MLP inputs."""
-    arch = get_architecture(model)
-    blocks = get_layers(model)
     targets: dict[int, list[int]] = {}  # source layer -> the spliced layers it writes to
     for t in layers:
         for l in transcoder.source_layers(t):
             targets.setdefault(l, []).append(t)
     sources = sorted(targets)
     terms: dict[tuple[int, int], torch.Tensor] = {}  # (source, target) -> (batch, seq, d_model)
-    handles = []
 
     def encode(module, args, kwargs, *, layer):
         x = args[0] if args else kwargs["hidden_states"]
@@ -77,6 +74,27 @@ def splice(model: nn.Module, transcoder: CrossLayerTranscoder, layers: Sequence[
         recon = transcoder.b_dec[layer] + sum(terms.pop((l, layer)) for l in transcoder.source_layers(layer))
         return _replace_after_bos(output, recon)
 
+    with splice_hooks(model, sources, layers, encode=encode, narrow=narrow, reconstruct=reconstruct):
+        yield
+
+
+@contextlib.contextmanager
+def splice_hooks(
+    model: nn.Module,
+    sources: Iterable[int],
+    layers: Iterable[int],
+    *,
+    encode: Callable,
+    narrow: Callable,
+    reconstruct: Callable,
+) -> Iterator[None]:
+    """The hooks of a replacement model, removed on exit: `encode(module, args, kwargs,
+    layer=l)` a forward pre-hook on the MLP input module (the norm) of each source layer l;
+    on each spliced layer l of `layers`, `narrow` a forward hook on that module's output
+    (it feeds only the MLP, so it may drop what the MLP need not compute) and
+    `reconstruct(module, args, output, layer=l)` one on the MLP output."""
+    arch, blocks = get_architecture(model), get_layers(model)
+    handles = []
     try:
         for l in sources:
             mlp_input = blocks[l].get_submodule(arch.mlp_input)
