@@ -389,27 +389,7 @@ def run(params: Params, *, progress: bool = True) -> dict[str, str]:
     attribution_keys = {p.slug: attribution_key(base, p) for p in prompts}
     packed = features_hash(params.paths.features)
     keys = {slug: output_key(key, cfg, scan, packed) for slug, key in attribution_keys.items()}
-    todo = None
-    if ranks.main:
-        manifest = read_manifest(out, keys)
-        removed = remove_stale(out, set(keys))
-        if removed:
-            logger.info("removed %d stale files: %s", len(removed), ", ".join(removed))
-        expected = [".json", ".png"] if cfg.png else [".json"]
-        todo = [
-            p.slug
-            for p in prompts
-            if manifest.get(p.slug) != keys[p.slug]
-            or not all((out / f"{p.slug}{x}").is_file() for x in expected)
-        ]
-        logger.info(
-            "%d prompts: %d graphs to write, %d up to date on %d process(es)",
-            len(prompts),
-            len(todo),
-            len(prompts) - len(todo),
-            ranks.size,
-        )
-    todo = broadcast_object(todo)
+    todo = broadcast_object(graphs_to_write(out, keys, cfg.png, ranks.size) if ranks.main else None)
     mine = [p for i, p in enumerate(p for p in prompts if p.slug in todo) if ranks.owns(i)]
     status, done = {}, {}
     features = feature_reader(params.paths.features) if mine else None
@@ -438,6 +418,29 @@ def run(params: Params, *, progress: bool = True) -> dict[str, str]:
         write_score_metrics(out, [p.slug for p in prompts], Path(params.paths.metrics))
     barrier("graphs: manifest written")
     return dict(sorted(status.items()))
+
+
+def graphs_to_write(out: Path, keys: dict[str, str], png: bool, n_ranks: int) -> list[str]:
+    """The slugs of `keys` (slug -> output key, in prompt order) whose graph is missing or
+    out of date, after the manifest is brought up to date and stale files are removed."""
+    manifest = read_manifest(out, keys)
+    removed = remove_stale(out, set(keys))
+    if removed:
+        logger.info("removed %d stale files: %s", len(removed), ", ".join(removed))
+    expected = [".json", ".png"] if png else [".json"]
+    todo = [
+        slug
+        for slug, key in keys.items()
+        if manifest.get(slug) != key or not all((out / f"{slug}{x}").is_file() for x in expected)
+    ]
+    logger.info(
+        "%d prompts: %d graphs to write, %d up to date on %d process(es)",
+        len(keys),
+        len(todo),
+        len(keys) - len(todo),
+        n_ranks,
+    )
+    return todo
 
 
 def read_manifest(out: Path, keys: dict[str, str]) -> dict[str, str]:

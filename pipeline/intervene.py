@@ -235,11 +235,15 @@ def _hooked(model: nn.Module, hooks: _Hooks, first: int) -> Iterator[None]:
     """Register `hooks` for splicing layers >= `first` (`splice_hooks`) and for reading the
     unembedding's input."""
     spliced = range(first, len(get_layers(model)))
-    sources = sorted({l for target in spliced for l in hooks.transcoder.source_layers(target)})
     handle = model.get_output_embeddings().register_forward_pre_hook(hooks.on_unembed)
     try:
         with splice_hooks(
-            model, sources, spliced, encode=hooks.encode, narrow=hooks.narrow, reconstruct=hooks.reconstruct
+            model,
+            hooks.transcoder,
+            spliced,
+            encode=hooks.encode,
+            narrow=hooks.narrow,
+            reconstruct=hooks.reconstruct,
         ):
             yield
     finally:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -56,7 +56,6 @@ def splice(model: nn.Module, transcoder: CrossLayerTranscoder, layers: Sequence[
     for t in layers:
         for l in transcoder.source_layers(t):
             targets.setdefault(l, []).append(t)
-    sources = sorted(targets)
     terms: dict[tuple[int, int], torch.Tensor] = {}  # (source, target) -> (batch, seq, d_model)
 
     def encode(module, args, kwargs, *, layer):
@@ -74,26 +73,28 @@ def splice(model: nn.Module, transcoder: CrossLayerTranscoder, layers: Sequence[
         recon = transcoder.b_dec[layer] + sum(terms.pop((l, layer)) for l in transcoder.source_layers(layer))
         return _replace_after_bos(output, recon)
 
-    with splice_hooks(model, sources, layers, encode=encode, narrow=narrow, reconstruct=reconstruct):
+    with splice_hooks(model, transcoder, layers, encode=encode, narrow=narrow, reconstruct=reconstruct):
         yield
 
 
 @contextlib.contextmanager
 def splice_hooks(
     model: nn.Module,
-    sources: Iterable[int],
-    layers: Iterable[int],
+    transcoder: CrossLayerTranscoder,
+    layers: Sequence[int],
     *,
     encode: Callable,
     narrow: Callable,
     reconstruct: Callable,
 ) -> Iterator[None]:
     """The hooks of a replacement model, removed on exit: `encode(module, args, kwargs,
-    layer=l)` a forward pre-hook on the MLP input module (the norm) of each source layer l;
-    on each spliced layer l of `layers`, `narrow` a forward hook on that module's output
-    (it feeds only the MLP, so it may drop what the MLP need not compute) and
-    `reconstruct(module, args, output, layer=l)` one on the MLP output."""
+    layer=l)` a forward pre-hook on the MLP input module (the norm) of each layer l whose
+    features `transcoder` decodes into a layer of `layers`; on each spliced layer l of
+    `layers`, `narrow` a forward hook on that module's output (it feeds only the MLP, so it
+    may drop what the MLP need not compute) and `reconstruct(module, args, output, layer=l)`
+    one on the MLP output."""
     arch, blocks = get_architecture(model), get_layers(model)
+    sources = sorted({l for target in layers for l in transcoder.source_layers(target)})
     handles = []
     try:
         for l in sources:
