@@ -21,11 +21,11 @@ import argparse
 
 import torch
 
+from pipeline.codec import E4M3_MAX, FP8, decode, encode
 from pipeline.config import load_params
 from pipeline.corpus import iter_documents, pack_documents
 from pipeline.dump import _Target, capture_activations
 from pipeline.model import bos_token_id, get_trunk, load_model
-from pipeline.store import E4M3_MAX, FP8, decode, encode
 
 
 def quantise(x: torch.Tensor, scheme: str) -> torch.Tensor:

@@ -245,7 +245,7 @@ class DumpConfig(Section):
     dtype: Literal["bfloat16", "float16", "float32", "float8_e4m3"] = "float8_e4m3"
     """Storage dtype. float8_e4m3 (half of bfloat16's bytes): uint8 rows of float8 values
     scaled to each (token, layer) row's max |value|, plus that float32 scale
-    (`pipeline.store.encode`); readers get bfloat16. A CLT trained from it matches one
+    (`pipeline.codec.encode`); readers get bfloat16. A CLT trained from it matches one
     trained from bfloat16 (docs/results.md). bfloat16 is stored as uint16 with a
     `logical_dtype` attribute."""
     store_url: str | None = None

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.codec import encode, storage_dtype, storage_view
 from pipeline.config import Params
 from pipeline.corpus import PackedCorpus, iter_documents, pack_documents
 from pipeline.distributed import World, local_device, world
@@ -44,22 +45,14 @@ from pipeline.model import (
 )
 from pipeline.runtime import resolve_device, torch_dtype
 from pipeline.shards import aligned_empty
-from pipeline.store import (
-    ACTIVATIONS,
-    StoreSchema,
-    StoreWriter,
-    encode,
-    hash_arrays,
-    storage_dtype,
-    storage_view,
-)
+from pipeline.store import ACTIVATIONS, StoreSchema, StoreWriter, hash_arrays
 
 logger = logging.getLogger(__name__)
 
 
 class _Target:
     """The host rows the hooks write the current batch into, in the storage layout of the
-    store's logical `dtype` (`pipeline.store.encode`)."""
+    store's logical `dtype` (`pipeline.codec.encode`)."""
 
     def __init__(self, dtype: str = "float32"):
         self.dtype = dtype

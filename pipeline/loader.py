@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.codec import decode, storage_dtype, storage_view
 from pipeline.prefetch import prefetch
-from pipeline.store import ACTIVATIONS, NORMS, ActivationStore, decode, storage_dtype, storage_view
+from pipeline.store import ACTIVATIONS, NORMS, ActivationStore
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class Batch:
     y: torch.Tensor  # (n_tokens, n_layers, d_model) MLP outputs, store dtype
     stored: str | None = None
     """None when x and y are activations; else the logical dtype of a store whose layout
-    they are still in (`pipeline.store.encode`: float8 rows and their scales)."""
+    they are still in (`pipeline.codec.encode`: float8 rows and their scales)."""
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """x and y on `device`, decoded there if still stored: a float8 batch crosses to a

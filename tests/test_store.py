@@ -7,12 +7,13 @@ import pytest
 import torch
 import zarr
 
+from pipeline.codec import FP8, SCALE_BYTES, decode, encode
 from pipeline.config import parse_params
 from pipeline.dump import run
 from pipeline.loader import ActivationLoader
 from pipeline.model import get_trunk, load_model
 from pipeline.shards import fast_path_ok, file_layout
-from pipeline.store import ACTIVATIONS, FP8, SCALE_BYTES, ActivationStore, StoreWriter, decode, encode
+from pipeline.store import ACTIVATIONS, ActivationStore, StoreWriter
 from tests.tiny import ARCHS, TEXT
 
 
