@@ -67,7 +67,7 @@ class Checkpoint:
         if self.here.main:
             remove(tmp)
             tmp.mkdir(parents=True)
-        barrier("train: checkpoint staged")
+        self._barrier("train: checkpoint staged")
         file = f"rank-{self.here.rank}.safetensors"
         mine = {
             name: t.detach().cpu().contiguous()
@@ -75,7 +75,9 @@ class Checkpoint:
             if feature_dims[name] is not None or self.here.main
         }
         save_file(mine, tmp / file)
-        ranges = gather_objects((file, list(features)))  # on rank 0, once every rank has written
+        ranges = [(file, list(features))]
+        if self.here.distributed:
+            ranges = gather_objects(ranges[0])  # on rank 0, once every rank has written
         if self.here.main:
             layout = {
                 name: describe_tensor(t, feature_dims[name], ranges, main=file) for name, t in tensors.items()
@@ -84,7 +86,46 @@ class Checkpoint:
             (tmp / "meta.json").write_text(meta_json)
             remove(self.path)
             tmp.rename(self.path)
-        barrier("train: checkpoint saved")
+        self._barrier("train: checkpoint saved")
+
+    def _barrier(self, name: str) -> None:
+        """`barrier` for a checkpoint of several ranks: one of `World()` is saved by one
+        process alone, while the others of a job may be elsewhere (the KL phase, rank 0's)."""
+        if self.here.distributed:
+            barrier(name)
+
+
+def adam_tensors(optimizer: torch.optim.Optimizer, named: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """The Adam state of the parameters `named` (name -> parameter) for `Checkpoint.save`:
+    tensors `optimizer.<name>.exp_avg` and `.exp_avg_sq` (zeros before the first step), and
+    per name its `step` count (`{"step": n}`, a float32 count: exact as a JSON number)."""
+    tensors, counts = {}, {}
+    for name, p in named.items():
+        state = optimizer.state.get(p) or {
+            "step": torch.zeros((), dtype=torch.float32),
+            "exp_avg": torch.zeros_like(p),
+            "exp_avg_sq": torch.zeros_like(p),
+        }
+        counts[name] = {"step": state["step"].item()}
+        for key in ("exp_avg", "exp_avg_sq"):
+            tensors[f"optimizer.{name}.{key}"] = state[key]
+    return tensors, counts
+
+
+def load_adam(optimizer: torch.optim.Optimizer, named: dict, tensors: dict, counts: dict) -> None:
+    """Set the Adam state of the parameters `named` to what `adam_tensors` saved (`tensors`
+    as `Checkpoint.load` read them, `counts`)."""
+    names = {id(p): name for name, p in named.items()}
+    for group in optimizer.param_groups:
+        # where Adam keeps `step`: on the parameter's device when fused, else the CPU
+        on_device = group["fused"] or group["capturable"]
+        for p in group["params"]:
+            name = names[id(p)]
+            step = torch.tensor(counts[name]["step"], dtype=torch.float32)
+            optimizer.state[p] = {
+                "step": step.to(p.device if on_device else "cpu"),
+                **{key: tensors[f"optimizer.{name}.{key}"] for key in ("exp_avg", "exp_avg_sq")},
+            }
 
 
 def describe_tensor(t: torch.Tensor, dim: int | None, ranges: list, *, main: str) -> dict:

@@ -351,7 +351,8 @@ class TrainConfig(Section):
     """Weight of the mean per-layer FVU in the KL phase's loss (it keeps each layer's
     reconstruction, which the graphs' error nodes measure)."""
     checkpoint_every: Annotated[int, Ge(1)] = 50
-    """Steps between checkpoints (a killed run resumes from the last one)."""
+    """Steps between checkpoints, in the MSE phase and in the KL phase (a killed run resumes
+    from the last one)."""
     max_grad_norm: Annotated[float, Ge(0)] = 0.0
     """Clip the gradient to this global norm (of the whole transcoder's gradient, also when
     feature parallel); 0 does not clip."""

@@ -96,7 +96,8 @@ _work_group = None
 def wait_for_ranks(name: str) -> None:
     """Wait for every rank to finish its share of the work (its shards, its graphs), which
     may take longer than `barrier`'s timeout: up to `CLT_DIST_WORK_TIMEOUT` seconds
-    (default 3600), on gloo (under NCCL a gloo group of its own, made at the first call). A
+    (default 3600), on a gloo group of its own made at the first call (on gloo too: its
+    sends wait as long as their group's timeout, whatever `monitored_barrier` is given). A
     rank that died is reported by torchrun at once; one that hangs fails the others here,
     by name."""
     global _work_group
@@ -104,10 +105,9 @@ def wait_for_ranks(name: str) -> None:
         return
     seconds = datetime.timedelta(seconds=float(os.environ.get(WORK_TIMEOUT_ENV, DEFAULT_WORK_TIMEOUT_S)))
     try:
-        if not _gloo() and _work_group is None:
+        if _work_group is None:
             _work_group = dist.new_group(backend="gloo", timeout=seconds)
-        group = None if _gloo() else _work_group
-        dist.monitored_barrier(group=group, timeout=seconds, wait_all_ranks=True)
+        dist.monitored_barrier(group=_work_group, timeout=seconds, wait_all_ranks=True)
     except RuntimeError as e:
         raise RuntimeError(f"rank {dist.get_rank()}: waiting for every rank at {name!r} failed: {e}") from e
 

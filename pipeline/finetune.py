@@ -18,7 +18,9 @@ straight-through gradient), so a feature that fires on no token of a batch is un
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.checkpoint import Checkpoint, adam_tensors, load_adam
 from pipeline.clt import CrossLayerTranscoder
 from pipeline.config import Params
 from pipeline.dump import _Target, capture_activations
@@ -94,29 +97,31 @@ def kl_finetune(
     mse_coef: float,
     compute_dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    checkpoint: Checkpoint | None = None,
+    checkpoint_every: int = 50,
     progress: bool = True,
 ) -> list[dict]:
     """Fine-tune `transcoder` (raw space, on the model's device) in place for `n_steps` Adam
     steps of `batch_size` sequences drawn from `sequences` (n, T) without replacement
     (reshuffled each pass); the learning rate decays linearly to 0. With a `compute_dtype`
     below float32, the transcoder's matmuls run in it under autocast (its parameters and
-    Adam stay float32). Returns each step's
+    Adam stay float32). With a `checkpoint` (of one process), the state is saved every
+    `checkpoint_every` steps and at the end, and a run started again with the same settings
+    resumes from it exactly. Returns each step's
     loss, KL, mean FVU and L0 (on the original model's activations, as `layer_fvu`)."""
     device = next(model.parameters()).device
     n_layers = transcoder.shape.n_layers
     was_training = model.training
     model.eval().requires_grad_(False)
-    params = [p for name, p in transcoder.named_parameters() if name != "log_threshold"]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    history = []
-    bar = tqdm(total=n_steps, desc="kl fine-tune", unit="step", disable=not progress)
-    for step in range(n_steps):
-        if len(order) < batch_size:
-            order += rng.permutation(len(sequences)).tolist()
-        ids = sequences[order[:batch_size]].to(device)
-        del order[:batch_size]
+    trained = {name: p for name, p in transcoder.named_parameters() if name != "log_threshold"}
+    optimizer = torch.optim.Adam(trained.values(), lr=lr)
+    history = resume(checkpoint, transcoder, optimizer, trained) if checkpoint else []
+    if history:
+        logger.info("resuming the KL phase at step %d/%d", len(history), n_steps)
+    batches = itertools.islice(draws(len(sequences), batch_size, seed), len(history), None)
+    bar = tqdm(total=n_steps, initial=len(history), desc="kl fine-tune", unit="step", disable=not progress)
+    for step, rows in zip(range(len(history), n_steps), batches):
+        ids = sequences[rows].to(device)
         logp_orig, acts = original_pass(model, ids, n_layers)
         p_orig = logp_orig.exp().flatten()
         with autocast(device, compute_dtype):
@@ -143,9 +148,53 @@ def kl_finetune(
         history.append(record)
         bar.update(1)
         bar.set_postfix(kl=f"{record['kl']:.3f}", fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}")
+        if checkpoint and (len(history) % checkpoint_every == 0 or len(history) == n_steps):
+            save(checkpoint, transcoder, optimizer, trained, history)
     bar.close()
     model.train(was_training)
     return history
+
+
+def draws(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Batches of `batch_size` of range(n) without replacement, in a new random order each
+    pass (a batch may span two passes): the same for a seed, so a resumed run skips ahead."""
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            order += rng.permutation(n).tolist()
+        yield order[:batch_size]
+        del order[:batch_size]
+
+
+def _tensors(transcoder: CrossLayerTranscoder, optimizer, trained: dict) -> tuple[dict, dict]:
+    tensors = {f"model.{name}": t.detach() for name, t in transcoder.state_dict().items()}
+    moments, counts = adam_tensors(optimizer, trained)
+    return {**tensors, **moments}, counts
+
+
+def save(checkpoint: Checkpoint, transcoder, optimizer, trained: dict, history: list[dict]) -> None:
+    """The KL phase's state in `checkpoint`: the transcoder, its Adam state, the history."""
+    tensors, counts = _tensors(transcoder, optimizer, trained)
+    dims = dict.fromkeys(tensors)  # one process: every tensor whole
+    features = (0, transcoder.shape.d_transcoder)
+    checkpoint.save(tensors=tensors, feature_dims=dims, features=features, optimizer=counts, history=history)
+
+
+@torch.no_grad()
+def resume(checkpoint: Checkpoint, transcoder, optimizer, trained: dict) -> list[dict]:
+    """Load what `save` wrote into `transcoder` and `optimizer`; returns the history so far
+    (empty: no checkpoint of these settings)."""
+    tensors, counts = _tensors(transcoder, optimizer, trained)
+    features = (0, transcoder.shape.d_transcoder)
+    template = {"tensors": tensors, "feature_dims": dict.fromkeys(tensors), "features": features}
+    state = checkpoint.load(template)
+    if state is None:
+        return []
+    for name, t in transcoder.state_dict().items():
+        t.copy_(state["tensors"][f"model.{name}"])
+    load_adam(optimizer, trained, state["tensors"], state["optimizer"])
+    return state["history"]
 
 
 def kl_phase(
@@ -154,12 +203,13 @@ def kl_phase(
     where: str,
     *,
     n_sequences: int = 100_000,
+    checkpoint: Checkpoint | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """`kl_finetune` as `params.train.kl_*` set it: the model of `paths.model_dir` on
     `runtime.device`, up to `n_sequences` training sequences of `paths.activations`; the
     raw-space `transcoder` (`where` names it in errors) is fine-tuned in place on the
-    model's device."""
+    model's device, checkpointed every `train.checkpoint_every` steps to `checkpoint`."""
     cfg = params.train
     device = resolve_device(params.runtime.device)
     model, _ = load_model(params.paths.model_dir, dtype=torch_dtype(params.model.dtype), device=device)
@@ -179,6 +229,8 @@ def kl_phase(
         mse_coef=cfg.kl_mse_coef,
         compute_dtype=torch_dtype(cfg.compute_dtype, device),
         seed=cfg.seed,
+        checkpoint=checkpoint,
+        checkpoint_every=cfg.checkpoint_every,
         progress=progress,
     )
 

@@ -9,7 +9,9 @@
    Checkpoints every `checkpoint_every` steps make a killed run resume exactly.
 4. `validate`: per-layer NMSE (fraction of variance unexplained), L0 and dead features on
    the held-out documents.
-5. `calibrate_thresholds` (topk / batchtopk only) and `export` to circuit-tracer's format.
+5. `calibrate_thresholds` (topk / batchtopk only) and `export` to circuit-tracer's format;
+   with `kl_steps`, first the KL phase (`pipeline.finetune`) in raw space, through the
+   spliced model, checkpointed every `checkpoint_every` of its steps as well.
 
 Under `torchrun --nproc_per_node=N -m stages.train` the run is feature (tensor) parallel:
 every rank builds the same initialised transcoder (same seed, same init sample), keeps its
@@ -21,7 +23,8 @@ second small all-reduce averages the gradient of the replicated `b_dec` and sums
 logged loss terms (and the squared gradient norm for `max_grad_norm`) in one buffer
 (`sync_gradients`). A checkpoint (`pipeline.checkpoint`) is one safetensors file of slices per rank
 and a JSON index of which file holds which features of each tensor, so a run resumes at
-any number of ranks; rank 0 validates and exports the gathered transcoder.
+any number of ranks; rank 0 runs the KL phase on the gathered transcoder, validates and
+exports it, while the other ranks wait.
 """
 
 from __future__ import annotations
@@ -45,11 +48,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint import Checkpoint, adam_tensors, load_adam
 from pipeline.clt import CLTShape, CrossLayerTranscoder, export_transcoder, raw_space
 from pipeline.clt_ops import jumprelu_ops, needs_grad_mask
 from pipeline.config import Params, TrainConfig
-from pipeline.distributed import World, barrier, broadcast_object, fault, local_device, world
+from pipeline.distributed import World, broadcast_object, fault, local_device, wait_for_ranks, world
 from pipeline.loader import ActivationLoader, Batch, rows_mask
 from pipeline.runtime import resolve_device, torch_dtype
 from pipeline.store import ACTIVATIONS, ActivationStore
@@ -403,18 +406,13 @@ class Trainer:
         moments (zeros before the first step), with `feature_dims` (None: the same on every
         rank) and the slice's `features` [start, stop); `optimizer`, each parameter's Adam
         `step` count; and `step`, `history`, `bandwidth`."""
-        tensors, feature_dims, optimizer = {}, {}, {}
+        tensors, feature_dims = {}, {}
         for name, t in itertools.chain(self.model.named_parameters(), self.model.named_buffers()):
             tensors[f"model.{name}"], feature_dims[f"model.{name}"] = t.detach(), self.model.feature_dim(name)
-        for name, p in self.model.named_parameters():
-            state = self.optimizer.state.get(p) or {
-                "step": torch.zeros((), dtype=torch.float32),
-                "exp_avg": torch.zeros_like(p),
-                "exp_avg_sq": torch.zeros_like(p),
-            }
-            optimizer[name] = {"step": state["step"].item()}  # a float32 count: exact as a JSON number
+        moments, optimizer = adam_tensors(self.optimizer, dict(self.model.named_parameters()))
+        tensors.update(moments)
+        for name, _ in self.model.named_parameters():
             for key in ("exp_avg", "exp_avg_sq"):
-                tensors[f"optimizer.{name}.{key}"] = state[key]
                 feature_dims[f"optimizer.{name}.{key}"] = self.model.feature_dim(name)
         shard = self.model.feature_shard
         features = (shard.start, shard.stop) if shard is not None else (0, self.model.shape.d_transcoder)
@@ -434,17 +432,7 @@ class Trainer:
         tensors = state["tensors"]
         for name, t in itertools.chain(self.model.named_parameters(), self.model.named_buffers()):
             t.copy_(tensors[f"model.{name}"])
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        for group in self.optimizer.param_groups:
-            # where Adam keeps `step`: on the parameter's device when fused, else the CPU
-            on_device = group["fused"] or group["capturable"]
-            for p in group["params"]:
-                name = names[id(p)]
-                step = torch.tensor(state["optimizer"][name]["step"], dtype=torch.float32)
-                self.optimizer.state[p] = {
-                    "step": step.to(p.device if on_device else "cpu"),
-                    **{key: tensors[f"optimizer.{name}.{key}"] for key in ("exp_avg", "exp_avg_sq")},
-                }
+        load_adam(self.optimizer, dict(self.model.named_parameters()), tensors, state["optimizer"])
         self.steps_done, self.history, self.bandwidth = state["step"], state["history"], state["bandwidth"]
 
     def train_step(self, batch: Batch) -> dict:
@@ -668,10 +656,14 @@ def run(params: Params, *, progress: bool = True) -> dict:
             from pipeline.finetune import kl_phase, phase_summary  # the language model's imports
 
             model = raw_space(model)
-            kl_history = kl_phase(params, model, "the trained transcoder", progress=progress)
+            # on this process alone: the other ranks wait for the export (`wait_for_ranks`)
+            kl_checkpoint = Checkpoint(work / "kl", fingerprint)
+            kl_history = kl_phase(
+                params, model, "the trained transcoder", checkpoint=kl_checkpoint, progress=progress
+            )
             model = model.cpu()
         extra = {"kl_phase": phase_summary(kl_history)} if cfg.kl_steps else {}
         metrics = validate_and_export(params, store, model, history, extra)
         shutil.rmtree(work, ignore_errors=True)
-    barrier("train: exported")
+    wait_for_ranks("train: exported")  # rank 0's KL phase and export take minutes
     return broadcast_object(metrics)

@@ -25,7 +25,7 @@ import yaml
 
 from pipeline.clt import load_transcoder
 from pipeline.train import run
-from tests.test_train import _params, kill_after_second_checkpoint, tiny_store  # noqa: F401 (a fixture)
+from tests.test_train import _params, kill_after_checkpoint, tiny_store  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow  # each starts torchrun (20-50 s); .ci/run runs them
 
@@ -87,6 +87,17 @@ def test_two_processes_train_the_transcoder_of_one(tiny_store, tmp_path, train):
         assert metrics["mean"][key] == pytest.approx(reference["mean"][key], rel=1e-4, abs=1e-6), key
 
 
+def test_two_processes_run_the_kl_phase_of_one(tiny_store, tmp_path):  # noqa: F811
+    """Rank 0 alone fine-tunes the gathered transcoder on KL while rank 1 waits (longer than
+    a barrier's timeout), and gets the transcoder of one process."""
+    kl = {"kl_steps": 3, "kl_batch_size": 2}
+    reference = run(_params(tmp_path / "one", tiny_store, **FLOAT32, **kl), progress=False)
+    ok(torchrun(tmp_path / "two", _raw(tmp_path / "two", tiny_store, **kl), CLT_DIST_TIMEOUT="1"))
+    assert_same_transcoder(tmp_path / "one" / "tc", tmp_path / "two" / "tc")
+    metrics = yaml.safe_load((tmp_path / "two" / "metrics" / "train.json").read_text())
+    assert metrics["kl_phase"] == pytest.approx(reference["kl_phase"], rel=1e-4, abs=1e-6)
+
+
 def test_checkpoint_of_two_processes_resumes_on_one(tiny_store, tmp_path):  # noqa: F811
     reference = run(_params(tmp_path / "ref", tiny_store, **FLOAT32), progress=False)
     raw = _raw(tmp_path / "b", tiny_store)
@@ -101,7 +112,7 @@ def test_checkpoint_of_two_processes_resumes_on_one(tiny_store, tmp_path):  # no
 def test_checkpoint_of_one_process_resumes_on_two(tiny_store, tmp_path, monkeypatch):  # noqa: F811
     reference = run(_params(tmp_path / "ref", tiny_store, **FLOAT32), progress=False)
     params = _params(tmp_path / "b", tiny_store, **FLOAT32)
-    kill_after_second_checkpoint(params, monkeypatch)
+    kill_after_checkpoint(params, monkeypatch)
     result = torchrun(tmp_path / "b", _raw(tmp_path / "b", tiny_store))
     ok(result)
     assert "resuming training at step 8/12" in result.stderr

@@ -180,20 +180,20 @@ def test_topk_exports_jumprelu_with_same_l0(tiny_store, tmp_path, activation):
     assert 2 <= metrics["mean"]["l0"] <= 6  # calibrated thresholds give ~k on held-out rows
 
 
-def kill_after_second_checkpoint(params, monkeypatch) -> None:
-    """Train with `params` until just after the second checkpoint is saved, then stop as a
+def kill_after_checkpoint(params, monkeypatch, n: int = 2) -> None:
+    """Train with `params` until just after the `n`th checkpoint is saved, then stop as a
     kill would (a KeyboardInterrupt); the checkpoint is left for a resumed run."""
     original = Checkpoint.save
     calls = {"n": 0}
 
-    def crash_after_second_checkpoint(self, **state):
+    def crash_after_checkpoint(self, **state):
         original(self, **state)
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == n:
             raise KeyboardInterrupt("killed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(Checkpoint, "save", crash_after_second_checkpoint)
+        patch.setattr(Checkpoint, "save", crash_after_checkpoint)
         with pytest.raises(KeyboardInterrupt):
             run(params, progress=False)
 
@@ -201,12 +201,30 @@ def kill_after_second_checkpoint(params, monkeypatch) -> None:
 def test_killed_training_resumes_exactly(tiny_store, tmp_path, monkeypatch):
     reference = run(_params(tmp_path / "a", tiny_store), progress=False)
     params = _params(tmp_path / "b", tiny_store)
-    kill_after_second_checkpoint(params, monkeypatch)
+    kill_after_checkpoint(params, monkeypatch)
     resumed = run(params, progress=False)
     assert resumed == reference
     a, b = load_transcoder(tmp_path / "a" / "tc"), load_transcoder(tmp_path / "b" / "tc")
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_training_killed_in_the_kl_phase_resumes_it_exactly(tiny_store, tmp_path, monkeypatch, caplog):
+    """Checkpoints at MSE steps 4 and 8, then at KL steps 4 and 6: a run killed after KL
+    step 4 resumes there (the data order replayed, Adam's state restored) and exports the
+    transcoder of an uninterrupted run, bit for bit."""
+    kl = {"n_steps": 8, "checkpoint_every": 4, "kl_steps": 6, "kl_batch_size": 2, "kl_lr": 1e-2}
+    reference = run(_params(tmp_path / "a", tiny_store, **kl), progress=False)
+    params = _params(tmp_path / "b", tiny_store, **kl)
+    kill_after_checkpoint(params, monkeypatch, n=3)
+    with caplog.at_level("INFO", logger="pipeline.finetune"):
+        resumed = run(params, progress=False)
+    assert "resuming the KL phase at step 4/6" in caplog.text
+    assert resumed == reference
+    a, b = load_transcoder(tmp_path / "a" / "tc"), load_transcoder(tmp_path / "b" / "tc")
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert not (tmp_path / "b" / "tc.partial").exists()
 
 
 def test_training_from_a_float8_store_matches_bfloat16(tiny_store, tmp_path):
