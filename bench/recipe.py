@@ -51,7 +51,7 @@ RUNS: dict[str, tuple[str, dict]] = {
     "layer0-x4": ("layer 0's reconstruction weighted 4x in the MSE", {**HALF, "layer0_weight": 4.0}),
     "layer0-x8": ("layer 0's reconstruction weighted 8x in the MSE", {**HALF, "layer0_weight": 8.0}),
     "layer0-x16": (
-        "layer 0's reconstruction weighted 16x in the MSE (the default)",
+        "layer 0's reconstruction weighted 16x in the MSE (the default's MSE phase)",
         {**HALF, "layer0_weight": 16.0},
     ),
     "plt-layer0-x16": (
@@ -87,6 +87,16 @@ FINETUNES: dict[str, tuple[str, str, dict]] = {
         "800 MSE steps, then 100 steps of KL fine-tuning (8 sequences, lr 3e-4, FVU weight 1)",
         "steps-800",
         {"steps": 100, "batch_size": 8, "lr": 3e-4, "mse_coef": 1.0},
+    ),
+    "x16-kl-200": (
+        "400 MSE steps (layer 0 weighted 16x), then 200 KL steps of 8 sequences",
+        "layer0-x16",
+        {"steps": 200, "batch_size": 8, "lr": 1e-4, "mse_coef": 1.0},
+    ),
+    "x16-kl-b4-200": (
+        "400 MSE steps (layer 0 weighted 16x), then 200 KL steps of 4 sequences",
+        "layer0-x16",
+        {"steps": 200, "batch_size": 4, "lr": 1e-4, "mse_coef": 1.0},
     ),
 }
 """Runs that fine-tune another run's transcoder on KL to the original model (`python -m

@@ -115,7 +115,7 @@ def kl_finetune(
     model.eval().requires_grad_(False)
     trained = {name: p for name, p in transcoder.named_parameters() if name != "log_threshold"}
     optimizer = torch.optim.Adam(trained.values(), lr=lr)
-    history = resume(checkpoint, transcoder, optimizer, trained) if checkpoint else []
+    history = resume_phase(checkpoint, transcoder, optimizer, trained) if checkpoint else []
     if history:
         logger.info("resuming the KL phase at step %d/%d", len(history), n_steps)
     batches = itertools.islice(draws(len(sequences), batch_size, seed), len(history), None)
@@ -149,7 +149,7 @@ def kl_finetune(
         bar.update(1)
         bar.set_postfix(kl=f"{record['kl']:.3f}", fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}")
         if checkpoint and (len(history) % checkpoint_every == 0 or len(history) == n_steps):
-            save(checkpoint, transcoder, optimizer, trained, history)
+            save_phase(checkpoint, transcoder, optimizer, trained, history)
     bar.close()
     model.train(was_training)
     return history
@@ -173,7 +173,7 @@ def _tensors(transcoder: CrossLayerTranscoder, optimizer, trained: dict) -> tupl
     return {**tensors, **moments}, counts
 
 
-def save(checkpoint: Checkpoint, transcoder, optimizer, trained: dict, history: list[dict]) -> None:
+def save_phase(checkpoint: Checkpoint, transcoder, optimizer, trained: dict, history: list[dict]) -> None:
     """The KL phase's state in `checkpoint`: the transcoder, its Adam state, the history."""
     tensors, counts = _tensors(transcoder, optimizer, trained)
     dims = dict.fromkeys(tensors)  # one process: every tensor whole
@@ -182,8 +182,8 @@ def save(checkpoint: Checkpoint, transcoder, optimizer, trained: dict, history: 
 
 
 @torch.no_grad()
-def resume(checkpoint: Checkpoint, transcoder, optimizer, trained: dict) -> list[dict]:
-    """Load what `save` wrote into `transcoder` and `optimizer`; returns the history so far
+def resume_phase(checkpoint: Checkpoint, transcoder, optimizer, trained: dict) -> list[dict]:
+    """Load what `save_phase` wrote into `transcoder` and `optimizer`; returns the history so far
     (empty: no checkpoint of these settings)."""
     tensors, counts = _tensors(transcoder, optimizer, trained)
     features = (0, transcoder.shape.d_transcoder)

@@ -88,9 +88,10 @@ def test_two_processes_train_the_transcoder_of_one(tiny_store, tmp_path, train):
 
 
 def test_two_processes_run_the_kl_phase_of_one(tiny_store, tmp_path):  # noqa: F811
-    """Rank 0 alone fine-tunes the gathered transcoder on KL while rank 1 waits (longer than
-    a barrier's timeout), and gets the transcoder of one process."""
-    kl = {"kl_steps": 3, "kl_batch_size": 2}
+    """Rank 0 alone fine-tunes the gathered transcoder on KL while rank 1 waits (12 steps
+    take seconds, longer than the barriers' timeout of 1 s here), and gets the transcoder
+    of one process."""
+    kl = {"kl_steps": 12, "kl_batch_size": 2}
     reference = run(_params(tmp_path / "one", tiny_store, **FLOAT32, **kl), progress=False)
     ok(torchrun(tmp_path / "two", _raw(tmp_path / "two", tiny_store, **kl), CLT_DIST_TIMEOUT="1"))
     assert_same_transcoder(tmp_path / "one" / "tc", tmp_path / "two" / "tc")
