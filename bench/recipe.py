@@ -61,19 +61,11 @@ RUNS: dict[str, tuple[str, dict]] = {
     "steps-800": ("800 MSE steps (layer 0 weighted 16x), no KL phase", {"n_steps": 800, "kl_steps": 0}),
     "steps-400-kl-100": (
         "400 steps (layer 0 weighted 16x), then the KL phase: 100 steps of 8 sequences",
-        {"n_steps": 400, "kl_steps": 100},
+        {"n_steps": 400, "kl_steps": 100, "kl_batch_size": 8},
     ),
     "steps-400-kl-50": (
         "400 steps (layer 0 weighted 16x), then the KL phase: 50 steps of 8 sequences",
-        {"n_steps": 400, "kl_steps": 50},
-    ),
-    "steps-400-kl-200": (
-        "400 steps (layer 0 weighted 16x), then the KL phase: 200 steps of 8 sequences",
-        {"n_steps": 400, "kl_steps": 200},
-    ),
-    "steps-400-kl-b4-200": (
-        "400 steps (layer 0 weighted 16x), then the KL phase: 200 steps of 4 sequences",
-        {"n_steps": 400, "kl_steps": 200, "kl_batch_size": 4},
+        {"n_steps": 400, "kl_steps": 50, "kl_batch_size": 8},
     ),
 }
 
