@@ -69,6 +69,7 @@ def world(device: torch.device | None = None) -> World:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout())
+        _make_work_group()
     return World(dist.get_rank(), dist.get_world_size())
 
 
@@ -96,20 +97,30 @@ _work_group = None
 def wait_for_ranks(name: str) -> None:
     """Wait for every rank to finish its share of the work (its shards, its graphs), which
     may take longer than `barrier`'s timeout: up to `CLT_DIST_WORK_TIMEOUT` seconds
-    (default 3600), on a gloo group of its own made at the first call (on gloo too: its
-    sends wait as long as their group's timeout, whatever `monitored_barrier` is given). A
+    (default 3600), on a gloo group of its own (on gloo too: its sends wait as long as
+    their group's timeout, whatever `monitored_barrier` is given). A
     rank that died is reported by torchrun at once; one that hangs fails the others here,
     by name."""
-    global _work_group
     if not (dist.is_available() and dist.is_initialized()):
         return
-    seconds = datetime.timedelta(seconds=float(os.environ.get(WORK_TIMEOUT_ENV, DEFAULT_WORK_TIMEOUT_S)))
     try:
-        if _work_group is None:
-            _work_group = dist.new_group(backend="gloo", timeout=seconds)
-        dist.monitored_barrier(group=_work_group, timeout=seconds, wait_all_ranks=True)
+        if _work_group is None:  # a process group that `world` did not make
+            _make_work_group()
+        dist.monitored_barrier(group=_work_group, timeout=_work_timeout(), wait_all_ranks=True)
     except RuntimeError as e:
         raise RuntimeError(f"rank {dist.get_rank()}: waiting for every rank at {name!r} failed: {e}") from e
+
+
+def _work_timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get(WORK_TIMEOUT_ENV, DEFAULT_WORK_TIMEOUT_S)))
+
+
+def _make_work_group() -> None:
+    """The gloo group of `wait_for_ranks`, made by every rank as it joins the job: made at
+    a first wait instead, a hung rank would fail the others in the group's creation, with
+    a message that does not name it."""
+    global _work_group
+    _work_group = dist.new_group(backend="gloo", timeout=_work_timeout())
 
 
 def _gloo() -> bool:
