@@ -21,7 +21,7 @@ import torch
 from pipeline.clt import load_transcoder
 from pipeline.config import load_params
 from pipeline.finetune import kl_phase, phase_summary
-from pipeline.runtime import configure_torch, setup_logging
+from pipeline.runtime import configure_torch, keep_freed_memory, setup_logging
 from pipeline.store import ActivationStore
 from pipeline.train import validate_and_export
 
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--n-sequences", type=int, default=100_000, help="training sequences to draw from")
     args = parser.parse_args()
     setup_logging()
+    keep_freed_memory()  # as the train stage, whose KL phase this is
     params = load_params(args.params)
     params = dataclasses.replace(
         params,

@@ -22,6 +22,9 @@
    `--n-layers` measures fewer layers of the same width where all of them do not fit memory.
 
     python -m bench.train --full-step [--n-layers 8] [--step-reps 3]
+
+Memory is allocated as the train stage has it (`pipeline.runtime.keep_freed_memory`);
+`--glibc-default` measures glibc's default instead (a setting of the whole process).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch
 from pipeline.clt import CLTShape, CrossLayerTranscoder
 from pipeline.config import load_params
 from pipeline.loader import ActivationLoader, Batch
-from pipeline.runtime import torch_dtype
+from pipeline.runtime import keep_freed_memory, torch_dtype
 from pipeline.store import ActivationStore
 from pipeline.train import Trainer
 
@@ -214,7 +217,14 @@ def main() -> None:
     )
     parser.add_argument("--n-layers", type=int, help="layers for --full-step (default: 30, the model's)")
     parser.add_argument("--step-reps", type=int, default=3, help="timed steps per setting (--full-step)")
+    parser.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="leave malloc as glibc has it (default: as the train stage sets it, `keep_freed_memory`)",
+    )
     args = parser.parse_args()
+    if not args.glibc_default:
+        keep_freed_memory()
     params = load_params(args.params)
     if args.full_step:
         compare_full_steps(params, args.d_transcoder_big, args.n_layers, args.step_reps)

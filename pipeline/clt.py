@@ -45,6 +45,7 @@ from pipeline.clt_ops import (
     Decode,
     SparseDecode,
     batch_topk_mask,
+    decoder_weights,
     global_batch_topk_mask,
     global_topk_mask,
     jumprelu,
@@ -123,6 +124,12 @@ class CrossLayerTranscoder(nn.Module):
         """||W_dec_f|| over all of a feature's output layers concatenated: (n_layers, d_transcoder)."""
         return torch.stack([W.flatten(1).norm(dim=1) for W in self.W_dec])
 
+    def decoder_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`decoder_norms` and each layer's decoder as `decode` takes it (`weights`), from one
+        autograd op whose backward makes one pass over the decoder (`clt_ops.decoder_weights`):
+        what a training step needs."""
+        return decoder_weights(list(self.W_dec), dtype)
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder pre-activations h: x (n_tokens, n_layers, d_model) -> (n_layers, n_tokens, d_tc)."""
         return torch.einsum("tld,ldf->ltf", x, self.W_enc.to(x.dtype)) + self.b_enc.to(x.dtype)[:, None]
@@ -143,7 +150,12 @@ class CrossLayerTranscoder(nn.Module):
         return torch.relu(h) * mask
 
     def decode(
-        self, acts: torch.Tensor, *, sparse: bool = False, grad_mask: torch.Tensor | None = None
+        self,
+        acts: torch.Tensor,
+        *,
+        sparse: bool = False,
+        grad_mask: torch.Tensor | None = None,
+        weights: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Every layer's MLP output: acts (n_layers, n_tokens, d_tc) -> (n_tokens, n_layers, d_model);
         on a `shard`, acts are its features' and the partial outputs of all ranks are summed.
@@ -151,11 +163,14 @@ class CrossLayerTranscoder(nn.Module):
         `sparse` touches only the nonzero (token, feature) pairs (`pipeline.clt_ops.SparseDecode`); it pays
         when L0 is a small fraction of d_transcoder (`python -m bench.train`). Its gradient
         with respect to `acts` is computed only where `grad_mask` (default: `acts != 0`) is
-        true, and is 0 elsewhere.
+        true, and is 0 elsewhere. `weights`: the decoders already in the dtype of `acts`, from
+        `decoder_weights` (default: cast here).
         """
         L, n_tokens, _ = acts.shape
         d = self.shape.d_model
-        W_dec = [W.to(acts.dtype).flatten(1) for W in self.W_dec]  # (d_tc, n_out * d_model) each
+        if weights is None:  # (d_tc, n_out * d_model) each
+            weights = [W.to(acts.dtype).flatten(1) for W in self.W_dec]
+        W_dec = weights
         if sparse:
             out = SparseDecode.apply(acts, grad_mask, d, *W_dec).view(n_tokens, L, d)
         else:
@@ -164,16 +179,23 @@ class CrossLayerTranscoder(nn.Module):
             out = sum_partials(out)
         return out + self.b_dec.to(acts.dtype)
 
-    def forward(self, x: torch.Tensor, *, bandwidth: float = 0.0, sparse: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        bandwidth: float = 0.0,
+        sparse: bool = False,
+        weights: Sequence[torch.Tensor] | None = None,
+    ):
         """x (n_tokens, n_layers, d_model) -> pre-activations and activations (n_layers, n_tokens,
-        d_tc), reconstruction (n_tokens, n_layers, d_model)."""
+        d_tc), reconstruction (n_tokens, n_layers, d_model); `weights` as `decode`'s."""
         h = self.pre_acts(x)
         acts = self.activate(h, bandwidth)
         grad_mask = None
         if sparse and self.shape.activation == "jumprelu" and bandwidth > 0 and torch.is_grad_enabled():
             # the threshold's STE needs dL/da at inactive features near their threshold too
             grad_mask = needs_grad_mask(h, self.threshold[:, None], bandwidth)
-        return h, acts, self.decode(acts, sparse=sparse, grad_mask=grad_mask)
+        return h, acts, self.decode(acts, sparse=sparse, grad_mask=grad_mask, weights=weights)
 
     def config_dict(self) -> dict:
         return asdict(self.shape)

@@ -14,6 +14,7 @@ features among all ranks' (one all-gather of each rank's local candidates).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -146,6 +147,49 @@ def global_batch_topk_mask(h: torch.Tensor, k: int) -> torch.Tensor:
     return h >= kth[:, None, None]
 
 
+class _DecoderWeights(torch.autograd.Function):
+    """Each layer's decoder flattened to (d_tc, n_out * d_model) in the compute dtype, and
+    every feature's decoder norm ||W_dec_f|| (n_layers, d_tc) in float32, as one op.
+
+    A training step uses both: the copies to decode, the norms in the JumpReLU loss's
+    terms. As separate ops (a cast, a norm) the backward makes three passes over every
+    decoder parameter (upcast the copy's gradient, the norm's W / ||W|| times its gradient,
+    their sum) and allocates two float32 tensors of the decoder's size; here it is one
+    `addcmul` per layer: dL/dW = dL/dcopy + (dL/dnorm / ||W||) W."""
+
+    @staticmethod
+    def forward(ctx, dtype, *W_dec):
+        flat = [W.flatten(1) for W in W_dec]
+        norms = torch.stack([W.norm(dim=1) for W in flat])
+        ctx.save_for_backward(norms, *W_dec)
+        # a copy even in the parameters' own dtype: an op's output must not alias its input
+        return (norms, *(W.to(dtype, copy=True) for W in flat))
+
+    @staticmethod
+    def backward(ctx, grad_norms, *grad_copies):
+        norms, *W_dec = ctx.saved_tensors
+        # d||w|| / dw = w / ||w||, and 0 at w = 0 (as torch's norm): a clamped norm gives that
+        scale = None if grad_norms is None else (grad_norms / norms.clamp_min(torch.finfo(norms.dtype).tiny))
+        grads = []
+        for l, (W, g) in enumerate(zip(W_dec, grad_copies)):
+            s = None if scale is None else scale[l][:, None, None]
+            if g is None:
+                grads.append(None if s is None else W * s)
+                continue
+            g = g.reshape(W.shape)
+            grads.append(g.to(W.dtype) if s is None else torch.addcmul(g, W, s))
+        return None, *grads
+
+
+def decoder_weights(
+    W_dec: Sequence[torch.Tensor], dtype: torch.dtype
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(decoder norms (n_layers, d_tc) float32, each W_dec[l] as (d_tc, n_out * d_model) in
+    `dtype`): `_DecoderWeights`, one autograd op."""
+    norms, *flat = _DecoderWeights.apply(dtype, *W_dec)
+    return norms, flat
+
+
 class Decode(torch.autograd.Function):
     """All decoders at once, dense: out (n_tokens, n_layers * d_model) from acts (n_layers, n_tokens, d_tc).
 
@@ -206,6 +250,15 @@ class _Pairs:
         sizes = torch.bincount(layer, minlength=n_layers).tolist()
         return cls(layer, token, feature, sizes, _group_starts(layer * n_tokens + token, n_layers, n_tokens))
 
+    def subset(self, keep: torch.Tensor, n_tokens: int) -> _Pairs:
+        """The pairs where `keep` (nnz,) is true, still sorted: a second mask's pairs
+        without a second pass over the whole (n_layers, n_tokens, d_tc) mask."""
+        layer, token, feature = self.layer[keep], self.token[keep], self.feature[keep]
+        n_layers = len(self.sizes)
+        sizes = torch.bincount(layer, minlength=n_layers).tolist()
+        offsets = _group_starts(layer * n_tokens + token, n_layers, n_tokens)
+        return _Pairs(layer, token, feature, sizes, offsets)
+
     def per_layer(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A (nnz,) tensor split into its layers' parts."""
         return t.split(self.sizes)
@@ -223,7 +276,8 @@ class SparseDecode(torch.autograd.Function):
       on, weighted by its activations (`embedding_bag` with one bag per feature);
     - grad acts: the dot product of the feature's decoder row with the token's output
       gradient (`embedding_bag`'s own per-sample-weight gradient), at the pairs of
-      `grad_mask` (n_layers, n_tokens, d_tc), by default the active ones, and 0 elsewhere.
+      `grad_mask` (n_layers, n_tokens, d_tc), by default the active ones, and 0 elsewhere;
+      a `grad_mask` must hold every active pair (the active ones are found among its own).
       Every activation here passes back zero gradient to h where a = 0, but the JumpReLU
       threshold's straight-through estimator also needs dL/da at inactive features just
       below the threshold (`ste_window`), so `pipeline.clt.CrossLayerTranscoder.forward` adds those.
@@ -236,8 +290,15 @@ class SparseDecode(torch.autograd.Function):
     def forward(ctx, acts, grad_mask, d_model: int, *W_dec):
         n_layers, n_tokens, _ = acts.shape
         out = acts.new_zeros(n_tokens, n_layers * d_model, dtype=W_dec[0].dtype)
-        active = _Pairs.where(acts != 0)
-        value = acts[active.layer, active.token, active.feature].to(out.dtype)
+        if grad_mask is None:
+            active = grad_pairs = _Pairs.where(acts != 0)
+            value = acts[active.layer, active.token, active.feature]
+        else:  # one pass over the masks: the active pairs are a subset of grad_mask's
+            grad_pairs = _Pairs.where(grad_mask)
+            value = acts[grad_pairs.layer, grad_pairs.token, grad_pairs.feature]
+            nonzero = value != 0
+            active, value = grad_pairs.subset(nonzero, n_tokens), value[nonzero]
+        value = value.to(out.dtype)
         with torch.autocast(acts.device.type, enabled=False):
             for l, (W, feature, v) in enumerate(
                 zip(W_dec, active.per_layer(active.feature), active.per_layer(value))
@@ -246,7 +307,7 @@ class SparseDecode(torch.autograd.Function):
                 out[:, l * d_model : l * d_model + W.shape[1]] += y  # W: (d_tc, n_out * d_model)
         ctx.save_for_backward(*W_dec)
         ctx.active, ctx.value = active, value
-        ctx.grad_pairs = active if grad_mask is None else _Pairs.where(grad_mask)
+        ctx.grad_pairs = grad_pairs
         ctx.d_model, ctx.acts_shape, ctx.acts_dtype = d_model, acts.shape, acts.dtype
         return out
 

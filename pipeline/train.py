@@ -54,7 +54,7 @@ from pipeline.clt_ops import jumprelu_ops, needs_grad_mask
 from pipeline.config import Params, TrainConfig
 from pipeline.distributed import World, broadcast_object, fault, local_device, wait_for_ranks, world
 from pipeline.loader import ActivationLoader, Batch, rows_mask
-from pipeline.runtime import resolve_device, torch_dtype
+from pipeline.runtime import keep_freed_memory, resolve_device, torch_dtype
 from pipeline.store import ACTIVATIONS, ActivationStore
 
 logger = logging.getLogger(__name__)
@@ -194,17 +194,17 @@ def loss_terms(
     x = x.to(torch_dtype(cfg.compute_dtype))
     jumprelu = model.shape.activation == "jumprelu"
     penalties = None
+    norms, W_dec = model.decoder_weights(x.dtype)
+    norms = norms[:, None]  # (n_layers, 1, d_tc), fp32
     if jumprelu and compiled:
         h = model.pre_acts(x)
-        norms = model.decoder_norms()[:, None]  # (n_layers, 1, d_tc), fp32
         acts, *penalties, grad_mask = compiled_jumprelu_terms()(
             h, model.log_threshold, norms, bandwidth, cfg.sparsity_c, sparse
         )
-        recon = model.decode(acts, sparse=sparse, grad_mask=grad_mask)
+        recon = model.decode(acts, sparse=sparse, grad_mask=grad_mask, weights=W_dec)
     else:
-        h, acts, recon = model(x, bandwidth=bandwidth, sparse=sparse)
+        h, acts, recon = model(x, bandwidth=bandwidth, sparse=sparse, weights=W_dec)
         if jumprelu:
-            norms = model.decoder_norms()[:, None]
             penalties = penalty_terms(acts, h, model.threshold[:, None], norms, cfg.sparsity_c)
     mse = F.mse_loss(recon.float(), y, reduction="sum") / len(y)
     terms = {"mse": mse, "acts": acts.detach()}
@@ -449,7 +449,8 @@ class Trainer:
         )
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
-        l0 = (terms["acts"] != 0).float().sum(-1).mean()
+        acts = terms["acts"]
+        l0 = torch.count_nonzero(acts) / (acts.numel() / acts.shape[-1])  # per layer and token
         loss = terms["total"]
         if model.feature_shard is not None:  # the per-rank terms summed over the ranks' features
             zero = torch.zeros((), device=l0.device)
@@ -629,6 +630,7 @@ def run(params: Params, *, progress: bool = True) -> dict:
     """The `train` stage: fit the transcoder, validate it, export it for circuit-tracer."""
     cfg = params.train
     torch.manual_seed(cfg.seed)
+    keep_freed_memory()  # each step's large tensors reuse the last step's pages
     device = resolve_device(params.runtime.device)
     here = world(device)  # under torchrun: this rank of a feature-parallel run
     device = local_device(device)

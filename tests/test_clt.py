@@ -62,6 +62,41 @@ def test_decode_matches_naive_with_gradients(kind, sparse):
 
 
 @pytest.mark.parametrize("kind", ["clt", "plt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("used", ["both", "copies", "norms"])
+def test_decoder_weights_match_a_cast_and_a_norm_with_gradients(kind, dtype, used):
+    """`decoder_weights`' one-pass backward against autograd through `.to(dtype)` and
+    `decoder_norms`, a zero decoder row included (its norm's gradient is 0)."""
+    model = make(kind)
+    with torch.no_grad():
+        model.W_dec[1][3] = 0
+    g_norms = torch.randn(4, 32)
+    g_copies = [torch.randn(W.shape[0], W[0].numel()).to(dtype) for W in model.W_dec]
+
+    def loss(norms, copies):
+        terms = []
+        if used != "copies":
+            terms.append((norms * g_norms).sum())
+        if used != "norms":
+            terms += [(W.float() * g.float()).sum() for W, g in zip(copies, g_copies)]
+        return sum(terms)
+
+    norms, copies = model.decoder_weights(dtype)
+    loss(norms, copies).backward()
+    grads = [W.grad.clone() for W in model.W_dec]
+    model.zero_grad()
+    ref_norms = model.decoder_norms()
+    ref_copies = [W.to(dtype).flatten(1) for W in model.W_dec]
+    loss(ref_norms, ref_copies).backward()
+    torch.testing.assert_close(norms, ref_norms, rtol=0, atol=0)
+    for mine, ref in zip(copies, ref_copies):
+        assert mine.dtype == dtype
+        torch.testing.assert_close(mine, ref, rtol=0, atol=0)
+    for mine, W in zip(grads, model.W_dec):
+        torch.testing.assert_close(mine, W.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["clt", "plt"])
 @pytest.mark.parametrize("activation", ["jumprelu", "topk"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_sparse_decoder_gives_dense_outputs_and_gradients_through_the_loss(kind, activation, autocast):
