@@ -95,6 +95,14 @@ class Checkpoint:
             barrier(name)
 
 
+def adam(parameters, lr: float, device: torch.device) -> torch.optim.Adam:
+    """The Adam both training phases use (and `adam_tensors` / `load_adam` save and load):
+    fused where torch has the kernel (one pass over each parameter instead of ~8: 5x faster
+    on this CPU, where unfused Adam took a third of a training step)."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.Adam(parameters, lr=lr, betas=(0.9, 0.999), fused=fused)
+
+
 def adam_tensors(optimizer: torch.optim.Optimizer, named: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """The Adam state of the parameters `named` (name -> parameter) for `Checkpoint.save`:
     tensors `optimizer.<name>.exp_avg` and `.exp_avg_sq` (zeros before the first step), and

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.checkpoint import Checkpoint, adam_tensors, load_adam
+from pipeline.checkpoint import Checkpoint, adam, adam_tensors, load_adam
 from pipeline.clt import CrossLayerTranscoder
 from pipeline.config import Params
 from pipeline.dump import _Target, capture_activations
@@ -114,7 +114,7 @@ def kl_finetune(
     was_training = model.training
     model.eval().requires_grad_(False)
     trained = {name: p for name, p in transcoder.named_parameters() if name != "log_threshold"}
-    optimizer = torch.optim.Adam(trained.values(), lr=lr)
+    optimizer = adam(trained.values(), lr, device)
     history = resume_phase(checkpoint, transcoder, optimizer, trained) if checkpoint else []
     if history:
         logger.info("resuming the KL phase at step %d/%d", len(history), n_steps)
